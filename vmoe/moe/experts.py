@@ -1,0 +1,103 @@
+"""Stacked expert MLPs (SPEC 6): E copies of timm's Mlp (fc1, act, drop, fc2, drop) in one module."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["StackedExperts"]
+
+
+def _use_grouped_mm(x: Tensor) -> bool:
+    # grouped_mm only has fast kernels for bf16 on CUDA (SM >= 80); elsewhere the loop is faster.
+    return hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+
+
+class StackedExperts(nn.Module):
+    """E expert MLPs with weights stacked on a leading expert axis, nn.Linear layout per expert.
+
+    Parameters: fc1_weight [E, H, D], fc1_bias [E, H], fc2_weight [E, D, H], fc2_bias [E, D].
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        out_features = out_features or in_features
+        self.num_experts, self.in_features, self.hidden_features, self.out_features = (
+            num_experts, in_features, hidden_features, out_features)
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden_features, in_features))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, out_features, hidden_features))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, hidden_features)) if bias else None
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised like a fresh nn.Linear pair."""
+        for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+            fan_in = weight.shape[-1]
+            for w in weight.data:
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            if bias is not None:
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(bias, -bound, bound)
+
+    def _mlp(self, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+        return self.drop(F.linear(self.drop(self.act(F.linear(x, w1, b1))), w2, b2))
+
+    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        """Run expert e on its contiguous block of rows.
+
+        x: [A, D] rows sorted by expert; counts: E ints, rows per expert (sum = A). Returns [A, D_out].
+        """
+        if _use_grouped_mm(x):
+            return self._forward_grouped(x, counts)
+        # unbind, not weight[e]: indexing a stacked parameter inside autograd allocates a full-size
+        # gradient per slice in backward; unbind's backward stacks the slices once.
+        w1s, w2s = self.fc1_weight.unbind(0), self.fc2_weight.unbind(0)
+        b1s = self.fc1_bias.unbind(0) if self.fc1_bias is not None else [None] * self.num_experts
+        b2s = self.fc2_bias.unbind(0) if self.fc2_bias is not None else [None] * self.num_experts
+        outputs = [
+            self._mlp(chunk, w1s[e], b1s[e], w2s[e], b2s[e])
+            for e, chunk in enumerate(torch.split(x, list(counts)))
+            if chunk.shape[0] > 0
+        ]
+        if not outputs:
+            return x.new_zeros(0, self.out_features)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        dtype = x.dtype
+        h = F.grouped_mm(x, self.fc1_weight.to(dtype).transpose(-2, -1), offs=offs)
+        if self.fc1_bias is not None:
+            h = h + torch.repeat_interleave(self.fc1_bias.to(dtype), offs.diff(prepend=offs.new_zeros(1)), 0,
+                                            output_size=x.shape[0])
+        h = self.drop(self.act(h))
+        y = F.grouped_mm(h, self.fc2_weight.to(dtype).transpose(-2, -1), offs=offs)
+        if self.fc2_bias is not None:
+            y = y + torch.repeat_interleave(self.fc2_bias.to(dtype), offs.diff(prepend=offs.new_zeros(1)), 0,
+                                            output_size=x.shape[0])
+        return self.drop(y)
+
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on x [N, D] -> [N, D_out]; the readable form the reference path uses."""
+        b1 = self.fc1_bias[e] if self.fc1_bias is not None else None
+        b2 = self.fc2_bias[e] if self.fc2_bias is not None else None
+        return self._mlp(x, self.fc1_weight[e], b1, self.fc2_weight[e], b2)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
+                f"hidden_features={self.hidden_features}, out_features={self.out_features}")

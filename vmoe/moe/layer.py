@@ -1,0 +1,154 @@
+"""The sparse MoE block: a drop-in for timm's Mlp (SPEC 4, 6)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .dispatch import combine_reference, moe_combine
+from .experts import StackedExperts
+from .routers import Router, build_router
+from .routing import Routing
+
+__all__ = ["MoEMlp"]
+
+
+class MoEMlp(nn.Module):
+    """Sparse mixture of expert MLPs, constructed like ``timm.layers.Mlp`` plus the MoE settings.
+
+    Tokens of the input [B, T, D] are split into routing groups of ``group_size`` consecutive tokens
+    (None: the whole local batch is one group); the router picks K experts per token with per-expert
+    capacity, each expert runs on its kept tokens, and the outputs are combined with the gate weights.
+    A token that loses every choice gets 0 here, so only the block's residual carries it.
+
+    After each forward: ``aux_loss`` (weighted, in the graph), ``metrics`` (detached: tokens_per_expert [E],
+    dropped_fraction, dropped_tokens_fraction, load_cv) and ``last_routing`` (a Routing shaped [B, T, K]).
+    State-dict keys: router.weight [E, D], experts.fc{1,2}_{weight,bias}.
+    """
+
+    is_moe_layer = True
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] | None = None,
+        bias: bool = True,
+        drop: float = 0.0,
+        use_conv: bool = False,
+        *,
+        num_experts: int = 8,
+        k: int = 2,
+        capacity_factor: float = 1.05,
+        eval_capacity_factor: float | None = None,
+        batch_priority: bool = False,
+        noise_std: float = 1.0,
+        group_size: int | None = None,
+        importance_weight: float = 0.005,
+        load_weight: float = 0.005,
+        router: str = "vmoe",
+        router_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is not None or use_conv:
+            raise ValueError("MoEMlp supports neither norm_layer nor use_conv (timm Mlp options); got "
+                             f"norm_layer={norm_layer}, use_conv={use_conv}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be a positive number of tokens or None, got {group_size}")
+        hidden_features = hidden_features or in_features
+        self.in_features, self.num_experts, self.k, self.group_size = in_features, num_experts, k, group_size
+        self.router: Router = build_router(
+            router, dim=in_features, num_experts=num_experts, k=k, capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority, noise_std=noise_std,
+            importance_weight=importance_weight, load_weight=load_weight, **(router_kwargs or {}))
+        self.experts = StackedExperts(num_experts, in_features, hidden_features, out_features, act_layer,
+                                      bias, drop)
+        self.use_reference = False
+        self.aux_loss: Tensor = torch.zeros(())
+        self.metrics: dict[str, Tensor] = {}
+        self.last_routing: Routing | None = None
+
+    # Routing settings live on the router; these make them reachable from the block.
+    @property
+    def capacity_factor(self) -> float:
+        return self.router.capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float) -> None:
+        self.router.capacity_factor = value
+
+    @property
+    def eval_capacity_factor(self) -> float:
+        return self.router.eval_capacity_factor
+
+    @eval_capacity_factor.setter
+    def eval_capacity_factor(self, value: float | None) -> None:
+        self.router.eval_capacity_factor = value
+
+    @property
+    def batch_priority(self) -> bool:
+        return self.router.batch_priority
+
+    @batch_priority.setter
+    def batch_priority(self, value: bool) -> None:
+        self.router.batch_priority = bool(value)
+
+    def _groups(self, x: Tensor) -> Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"MoEMlp expects x of shape [B, T, D], got {tuple(x.shape)}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"MoEMlp expects width D={self.in_features}, got x of shape {tuple(x.shape)}")
+        n = x.shape[0] * x.shape[1]
+        size = self.group_size or n
+        if n % size:
+            raise ValueError(f"group_size={size} does not divide B*T={x.shape[0]}*{x.shape[1]}={n}; "
+                             f"choose a divisor of {n} or None (the whole batch)")
+        return x.reshape(n // size, size, x.shape[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, T, D] -> [B, T, D_out]."""
+        b, t, _ = x.shape if x.dim() == 3 else (0, 0, 0)
+        groups = self._groups(x)  # [G, S, D]
+        out = self.router(groups)
+        routing = out.routing
+        flat = x.reshape(b * t, -1)
+        if self.use_reference:
+            y = combine_reference(flat, routing, self.experts.forward_expert, self.num_experts)
+        else:
+            y = moe_combine(flat, routing, self.experts, self.num_experts)
+        self.aux_loss = out.aux_loss
+        self.metrics = {**routing_metrics(routing, self.num_experts), **out.metrics}
+        self.last_routing = routing.reshape(b, t)
+        return y.reshape(b, t, -1)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}"
+
+
+@torch.no_grad()
+def routing_metrics(routing: Routing, num_experts: int) -> dict[str, Tensor]:
+    """Detached load statistics of a routing [..., S, K] (no host sync).
+
+    tokens_per_expert [E]: kept assignments per expert, summed over groups.
+    dropped_fraction: share of assignments that got no slot.
+    dropped_tokens_fraction: share of tokens whose every choice was dropped.
+    load_cv: std/mean of the assignments requested per expert (before capacity), a balance measure.
+    """
+    expert = routing.expert_index.reshape(-1)
+    kept = routing.slot_index.reshape(-1) >= 0
+    requested = torch.bincount(expert, minlength=num_experts).float()
+    tokens = torch.bincount(expert, weights=kept.float(), minlength=num_experts)
+    kept_tokens = routing.kept.reshape(-1, routing.kept.shape[-1]).any(-1)
+    return {
+        "tokens_per_expert": tokens,
+        "dropped_fraction": 1.0 - kept.float().mean(),
+        "dropped_tokens_fraction": 1.0 - kept_tokens.float().mean(),
+        "load_cv": requested.std(unbiased=False) / requested.mean().clamp_min(1e-10),
+    }
