@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from ..capacity import compute_capacity
 from ..routing import Routing
 
-__all__ = ["RouterOutput", "Router", "ROUTERS", "register_router", "build_router"]
+__all__ = ["RouterOutput", "Router", "ROUTERS", "register_router", "build_router", "float32_logits",
+           "after_optimizer_step"]
 
 
 @dataclass
@@ -99,3 +100,15 @@ def float32_logits(x: Tensor, weight: Tensor) -> Tensor:
     """Router logits x @ W^T computed in float32 even under autocast. x: [..., D], weight: [E, D]."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return torch.nn.functional.linear(x.float(), weight.float())
+
+
+def after_optimizer_step(model: nn.Module) -> None:
+    """Call ``on_optimizer_step()`` on every module that defines it (e.g. DeepSeek-V3's bias update).
+
+    The training loop calls this once per optimizer step, after the step, so state that must change per
+    step (not per micro-batch under gradient accumulation) changes exactly then.
+    """
+    for module in model.modules():
+        hook = getattr(module, "on_optimizer_step", None)
+        if callable(hook):
+            hook()
