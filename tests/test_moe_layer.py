@@ -1,0 +1,169 @@
+import pytest
+import torch
+from timm.layers import Mlp
+
+from vmoe.moe import MoEMlp, Routing, StackedExperts, combine_reference, moe_combine
+
+
+def make_layer(**kw):
+    args = dict(num_experts=4, k=2, capacity_factor=1.0)
+    args.update(kw)
+    return MoEMlp(16, 32, **args)
+
+
+def run_both(layer, x):
+    """Outputs and gradients (input, router, experts) of the fast and the reference path."""
+    results = []
+    for reference in (False, True):
+        layer.zero_grad()
+        xi = x.detach().clone().requires_grad_()
+        layer.use_reference = reference
+        torch.manual_seed(1)  # same router noise in training mode
+        y = layer(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        results.append((y.detach(), xi.grad.clone(), grads))
+    layer.use_reference = False
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [None, 24, 12])
+@pytest.mark.parametrize("training", [False, True])
+def test_fast_path_equals_reference(dtype, group_size, training):
+    layer = make_layer(capacity_factor=0.5, eval_capacity_factor=0.5, group_size=group_size).to(dtype)
+    layer.train(training)
+    x = torch.randn(4, 12, 16, dtype=dtype)
+    (y1, gx1, g1), (y2, gx2, g2) = run_both(layer, x)
+    assert float(layer.metrics["dropped_fraction"]) > 0  # capacity 0.5 drops assignments
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y1, y2, **tol)
+    torch.testing.assert_close(gx1, gx2, **tol)
+    assert set(g1) == {"router.weight", "experts.fc1_weight", "experts.fc1_bias", "experts.fc2_weight",
+                       "experts.fc2_bias"}
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], **tol, msg=name)
+    assert g1["router.weight"].abs().sum() > 0  # gradients reach the router through the combine weights
+
+
+def test_dispatch_with_empty_experts_and_dropped_tokens():
+    experts = StackedExperts(5, 8, 12)
+    x = torch.randn(4, 8, requires_grad=True)
+    # experts 1 and 4 receive nothing; token 3 loses both choices
+    routing = Routing(
+        expert_index=torch.tensor([[0, 2], [2, 0], [3, 0], [0, 3]]),
+        slot_index=torch.tensor([[0, 0], [1, 1], [0, -1], [-1, -1]]),
+        combine_weights=torch.tensor([[0.6, 0.3], [0.5, 0.2], [0.9, 0.0], [0.0, 0.0]]),
+    )
+    fast = moe_combine(x, routing, experts, 5)
+    fast.sum().backward()
+    gx_fast, gw_fast = x.grad.clone(), experts.fc1_weight.grad.clone()
+    x.grad = None
+    experts.zero_grad()
+    ref = combine_reference(x, routing, experts.forward_expert, 5)
+    ref.sum().backward()
+    torch.testing.assert_close(fast, ref)
+    torch.testing.assert_close(x.grad, gx_fast)
+    torch.testing.assert_close(experts.fc1_weight.grad, gw_fast)
+    assert torch.all(fast[3] == 0)  # every choice dropped: nothing but the block's residual
+    assert torch.all(gw_fast[1] == 0) and torch.all(gw_fast[4] == 0)
+    # token 0 by hand: 0.6 * expert0(x0) + 0.3 * expert2(x0)
+    x0 = x[0:1].detach()
+    expected = 0.6 * experts.forward_expert(0, x0) + 0.3 * experts.forward_expert(2, x0)
+    torch.testing.assert_close(fast[0:1].detach(), expected.detach())
+
+
+def test_upcycled_experts_equal_dense_mlp_with_ample_capacity():
+    dense = Mlp(16, 32)
+    layer = make_layer(num_experts=3, k=3, capacity_factor=4.0, noise_std=0.0,
+                       router_kwargs={"renormalize": True})
+    with torch.no_grad():
+        layer.experts.fc1_weight.copy_(dense.fc1.weight.expand(3, -1, -1))
+        layer.experts.fc1_bias.copy_(dense.fc1.bias.expand(3, -1))
+        layer.experts.fc2_weight.copy_(dense.fc2.weight.expand(3, -1, -1))
+        layer.experts.fc2_bias.copy_(dense.fc2.bias.expand(3, -1))
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_metrics_and_aux_loss():
+    layer = make_layer(capacity_factor=0.25)
+    layer.train()
+    x = torch.randn(2, 8, 16)
+    layer(x)
+    m = layer.metrics
+    kept = int((layer.last_routing.slot_index >= 0).sum())
+    assert m["tokens_per_expert"].sum().item() == kept
+    assert m["dropped_fraction"].item() == pytest.approx(1 - kept / (16 * 2))
+    lost_all = int((layer.last_routing.slot_index < 0).all(-1).sum())
+    assert m["dropped_tokens_fraction"].item() == pytest.approx(lost_all / 16)
+    assert layer.last_routing.expert_index.shape == (2, 8, 2)
+    assert layer.aux_loss.requires_grad and layer.aux_loss.item() > 0
+    assert all(not v.requires_grad for v in m.values())
+
+
+def test_capacity_settings_change_routing_without_touching_weights():
+    layer = make_layer(capacity_factor=2.0, eval_capacity_factor=0.25)
+    assert layer.eval_capacity_factor == 0.25
+    layer.eval()
+    x = torch.randn(2, 8, 16)
+    layer(x)
+    # capacity = ceil(16 * 2 * 0.25 / 4) = 2 -> 4 (multiple of 4): 16 of 32 assignments at most
+    assert layer.metrics["tokens_per_expert"].max().item() <= 4
+    layer.eval_capacity_factor = None  # back to the training factor
+    assert layer.eval_capacity_factor == 2.0
+    layer(x)
+    assert layer.metrics["dropped_fraction"].item() == 0
+    layer.batch_priority = True
+    assert layer.router.batch_priority is True
+
+
+def test_state_dict_layout():
+    sd = MoEMlp(16, 32, num_experts=4).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {
+        "router.weight": (4, 16),
+        "experts.fc1_weight": (4, 32, 16),
+        "experts.fc1_bias": (4, 32),
+        "experts.fc2_weight": (4, 16, 32),
+        "experts.fc2_bias": (4, 16),
+    }
+
+
+def test_bf16_autocast_keeps_router_in_float32():
+    layer = make_layer()
+    x = torch.randn(2, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert layer.last_routing.combine_weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k": 0}, r"k must be in \[1, num_experts=4\], got 0"),
+        ({"k": 5}, r"k must be in \[1, num_experts=4\], got 5"),
+        ({"capacity_factor": 0.0}, "capacity_factor must be > 0, got 0.0"),
+        ({"capacity_factor": -1.0}, "capacity_factor must be > 0, got -1.0"),
+        ({"eval_capacity_factor": 0.0}, "eval_capacity_factor must be > 0 or None"),
+        ({"num_experts": 0}, "num_experts must be >= 1, got 0"),
+        ({"noise_std": -0.5}, "noise_std must be >= 0, got -0.5"),
+        ({"group_size": 0}, "group_size must be a positive number of tokens or None, got 0"),
+        ({"router": "nope"}, "unknown router 'nope'; valid: .*'vmoe'"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_layer(**kwargs)
+
+
+def test_bad_inputs():
+    layer = make_layer(group_size=5)
+    with pytest.raises(ValueError, match=r"group_size=5 does not divide B\*T=2\*6=12"):
+        layer(torch.randn(2, 6, 16))
+    with pytest.raises(ValueError, match=r"expects x of shape \[B, T, D\], got \(12, 16\)"):
+        layer(torch.randn(12, 16))
+    with pytest.raises(ValueError, match=r"expects width D=16, got x of shape \(2, 5, 8\)"):
+        layer(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="capacity_factor must be > 0, got 0"):
+        layer.capacity_factor = 0
