@@ -167,3 +167,32 @@ def test_bad_inputs():
         layer(torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match="capacity_factor must be > 0, got 0"):
         layer.capacity_factor = 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_function_equals_autograd_loop(bias):
+    experts = StackedExperts(4, 8, 12, bias=bias)
+    counts = [3, 0, 5, 2]
+    x = torch.randn(10, 8)
+    results = []
+    for path in (experts._forward_blocks, experts._forward_loop):
+        experts.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = path(xi, counts)
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y.detach(), xi.grad, [p.grad.clone() for p in experts.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(gx1, gx2)
+    for a, b in zip(gp1, gp2):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="counts sum to 9 but x has 10 rows"):
+        experts._forward_blocks(x, [3, 0, 4, 2])
+
+
+def test_dropout_training_uses_autograd_loop():
+    experts = StackedExperts(2, 8, 12, drop=0.5).train()
+    y = experts(torch.ones(6, 8), [4, 2])
+    assert y.shape == (6, 8)
+    experts.eval()
+    torch.testing.assert_close(experts(torch.ones(6, 8), [4, 2]), experts._forward_loop(torch.ones(6, 8), [4, 2]))

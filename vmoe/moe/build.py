@@ -6,13 +6,28 @@ from typing import Iterator
 from torch import nn
 
 from .layer import MoEMlp
+from .routers import ROUTERS
+from .soft import SoftMoEMlp
 
-__all__ = ["build_moe_mlp", "is_moe_layer", "iter_moe_layers"]
+__all__ = ["BLOCKS", "available_routers", "build_moe_mlp", "is_moe_layer", "iter_moe_layers"]
+
+# Schemes whose block is not "router + sort-based dispatch" (MoEMlp); every other name is a router.
+BLOCKS: dict[str, type[nn.Module]] = {"soft": SoftMoEMlp}
+
+
+def available_routers() -> list[str]:
+    """Every valid ``router`` name: the registered routers plus the block-level schemes (soft)."""
+    return sorted(set(ROUTERS) | set(BLOCKS))
 
 
 def build_moe_mlp(*, router: str = "vmoe", **kwargs) -> nn.Module:
     """An MoE block taking timm Mlp arguments (in_features, hidden_features, act_layer, bias, drop)
-    plus the MoE settings of :class:`MoEMlp`."""
+    plus the MoE settings of :class:`MoEMlp`. ``router="soft"`` builds a :class:`SoftMoEMlp`, any
+    registered router name an :class:`MoEMlp` with that router."""
+    if router in BLOCKS:
+        return BLOCKS[router](router=router, **kwargs)
+    if router not in ROUTERS:
+        raise ValueError(f"unknown router {router!r}; valid: {available_routers()}")
     return MoEMlp(router=router, **kwargs)
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .expert_loop import expert_mlp_blocks
+
 __all__ = ["StackedExperts"]
 
 
@@ -64,6 +66,11 @@ class StackedExperts(nn.Module):
         """
         if _use_grouped_mm(x):
             return self._forward_grouped(x, counts)
+        if not (self.training and self.drop.p > 0):  # dropout masks would need saving: autograd loop then
+            return self._forward_blocks(x, counts)
+        return self._forward_loop(x, counts)
+
+    def _forward_loop(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         # unbind, not weight[e]: indexing a stacked parameter inside autograd allocates a full-size
         # gradient per slice in backward; unbind's backward stacks the slices once.
         w1s, w2s = self.fc1_weight.unbind(0), self.fc2_weight.unbind(0)
@@ -77,6 +84,19 @@ class StackedExperts(nn.Module):
         if not outputs:
             return x.new_zeros(0, self.out_features)
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _forward_blocks(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        params = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # The Function writes into preallocated buffers, which autocast cannot do: cast up front instead.
+            dtype = torch.get_autocast_dtype(device)
+            x = x.to(dtype)
+            params = tuple(None if p is None else p.to(dtype) for p in params)
+            with torch.autocast(device, enabled=False):
+                return expert_mlp_blocks(x, counts, self.act, params[0], params[1], params[2], params[3])
+        params = tuple(None if p is None else p.to(x.dtype) for p in params)
+        return expert_mlp_blocks(x, counts, self.act, params[0], params[1], params[2], params[3])
 
     def _forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)

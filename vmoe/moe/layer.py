@@ -10,6 +10,7 @@ from .dispatch import combine_reference, moe_combine
 from .experts import StackedExperts
 from .routers import Router, build_router
 from .routing import Routing
+from .shared_experts import ResidualMLP, SharedExperts, fine_grained
 
 __all__ = ["MoEMlp"]
 
@@ -25,6 +26,14 @@ class MoEMlp(nn.Module):
     After each forward: ``aux_loss`` (weighted, in the graph), ``metrics`` (detached: tokens_per_expert [E],
     dropped_fraction, dropped_tokens_fraction, load_cv) and ``last_routing`` (a Routing shaped [B, T, K]).
     State-dict keys: router.weight [E, D], experts.fc{1,2}_{weight,bias}.
+
+    k, capacity_factor, noise_std, importance_weight, load_weight: None = the router's own default; only
+    the values set are passed to the router, which raises ValueError for a setting it does not use.
+    Expert structure (any top-k router): ``expert_granularity`` m segments every expert into m of hidden
+    H/m and routes m*K of the m*E (DeepSeekMoE; ``num_experts``/``k`` then report m*E/m*K);
+    ``num_shared_experts`` K_s adds K_s always-on experts of hidden H/m (``shared_experts``);
+    ``residual`` adds a dense MLP of hidden H to the MoE output (DeepSpeed residual MoE, ``residual``),
+    ``residual_coefficient`` mixes the two with a learned per-token softmax (DeepSpeed's code).
     """
 
     is_moe_layer = True
@@ -41,16 +50,20 @@ class MoEMlp(nn.Module):
         use_conv: bool = False,
         *,
         num_experts: int = 8,
-        k: int = 2,
-        capacity_factor: float = 1.05,
+        k: int | None = None,
+        capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         batch_priority: bool = False,
-        noise_std: float = 1.0,
+        noise_std: float | None = None,
         group_size: int | None = None,
-        importance_weight: float = 0.005,
-        load_weight: float = 0.005,
+        importance_weight: float | None = None,
+        load_weight: float | None = None,
         router: str = "vmoe",
         router_kwargs: dict[str, Any] | None = None,
+        expert_granularity: int = 1,
+        num_shared_experts: int = 0,
+        residual: bool = False,
+        residual_coefficient: bool = False,
     ) -> None:
         super().__init__()
         if norm_layer is not None or use_conv:
@@ -58,19 +71,36 @@ class MoEMlp(nn.Module):
                              f"norm_layer={norm_layer}, use_conv={use_conv}")
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= k <= num_experts:
+        if k is not None and not 1 <= k <= num_experts:
             raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        if num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        if residual_coefficient and not residual:
+            raise ValueError("residual_coefficient=True needs residual=True (it mixes the dense MLP and the MoE)")
         if group_size is not None and group_size < 1:
             raise ValueError(f"group_size must be a positive number of tokens or None, got {group_size}")
         hidden_features = hidden_features or in_features
-        self.in_features, self.num_experts, self.k, self.group_size = in_features, num_experts, k, group_size
-        self.router: Router = build_router(
-            router, dim=in_features, num_experts=num_experts, k=k, capacity_factor=capacity_factor,
-            eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority, noise_std=noise_std,
-            importance_weight=importance_weight, load_weight=load_weight, **(router_kwargs or {}))
-        self.experts = StackedExperts(num_experts, in_features, hidden_features, out_features, act_layer,
-                                      bias, drop)
+        routed = fine_grained(router, num_experts, k, hidden_features, expert_granularity)
+        common = dict(k=routed.k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                      noise_std=noise_std, importance_weight=importance_weight, load_weight=load_weight)
+        common = {name: value for name, value in common.items() if value is not None}
+        clash = sorted(set(common) & set(router_kwargs or {}))
+        if clash:
+            raise ValueError(f"{clash} given both as MoEMlp arguments and in router_kwargs; give each once")
+        self.router: Router = build_router(router, dim=in_features, num_experts=routed.num_experts,
+                                           batch_priority=batch_priority, **common, **(router_kwargs or {}))
+        self.in_features, self.group_size = in_features, group_size
+        self.num_experts, self.k, self.expert_granularity = routed.num_experts, self.router.k, expert_granularity
+        self.experts = StackedExperts(routed.num_experts, in_features, routed.hidden_features, out_features,
+                                      act_layer, bias, drop)
+        self.shared_experts = SharedExperts(num_shared_experts, in_features, routed.hidden_features,
+                                            out_features, act_layer, bias, drop) if num_shared_experts else None
+        self.residual = ResidualMLP(in_features, hidden_features, out_features, act_layer, bias, drop,
+                                    residual_coefficient) if residual else None
+        self._router_takes_seq_len = bool(getattr(self.router, "uses_sequence_length", False))
         self.use_reference = False
+        # Set by vmoe.distributed.shard_experts: experts sharded over ranks, tokens sent by all-to-all.
+        self.expert_parallel = None
         self.aux_loss: Tensor = torch.zeros(())
         self.metrics: dict[str, Tensor] = {}
         self.last_routing: Routing | None = None
@@ -116,13 +146,19 @@ class MoEMlp(nn.Module):
         """x: [B, T, D] -> [B, T, D_out]."""
         b, t, _ = x.shape if x.dim() == 3 else (0, 0, 0)
         groups = self._groups(x)  # [G, S, D]
-        out = self.router(groups)
+        out = self.router(groups, seq_len=t) if self._router_takes_seq_len else self.router(groups)
         routing = out.routing
         flat = x.reshape(b * t, -1)
-        if self.use_reference:
+        if self.expert_parallel is not None:
+            y = moe_combine(flat, routing, self.expert_parallel.experts_fn(self.experts), self.num_experts)
+        elif self.use_reference:
             y = combine_reference(flat, routing, self.experts.forward_expert, self.num_experts)
         else:
             y = moe_combine(flat, routing, self.experts, self.num_experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if self.residual is not None:
+            y = self.residual(flat, y)
         self.aux_loss = out.aux_loss
         self.metrics = {**routing_metrics(routing, self.num_experts), **out.metrics}
         self.last_routing = routing.reshape(b, t)

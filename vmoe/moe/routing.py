@@ -10,7 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "top_k_routing", "assign_slots"]
+__all__ = ["Routing", "top_k_routing", "assign_slots", "route_choices", "expert_choice_routing",
+           "group_limited_top_k"]
 
 
 class Routing(NamedTuple):
@@ -82,3 +83,82 @@ def top_k_routing(gates: Tensor, k: int, capacity: int, batch_priority: bool = F
     slot_index = assign_slots(expert_index, num_experts, capacity, priority)
     combine = values * (slot_index >= 0).to(values.dtype)
     return Routing(expert_index, slot_index, combine).reshape(*lead, flat.shape[1])
+
+
+def route_choices(expert_index: Tensor, combine_weights: Tensor, num_experts: int, capacity: int,
+                  priority: Tensor | None = None, keep: Tensor | None = None) -> Routing:
+    """Slots for choices a router already made (selection and combine weights may come from different
+    scores, as in Mixtral, GShard or DeepSeek-V3).
+
+    expert_index, combine_weights: [..., S, K]; priority: [..., S] (higher served first) or None for
+    position order; keep: [..., S, K] bool or None. A choice with keep=False never takes a slot: it is
+    reported dropped (slot -1, weight 0) and leaves its expert's capacity to the others.
+    """
+    if expert_index.shape != combine_weights.shape or expert_index.dim() < 2:
+        raise ValueError("expert_index and combine_weights must both be [..., S, K]; got "
+                         f"{tuple(expert_index.shape)} and {tuple(combine_weights.shape)}")
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    lead, (s, k) = expert_index.shape[:-2], expert_index.shape[-2:]
+    index = expert_index.reshape(-1, s, k)
+    order = None if priority is None else priority.reshape(-1, s)
+    if keep is None:
+        slot = assign_slots(index, num_experts, capacity, order)
+    else:
+        keep = keep.reshape(-1, s, k)
+        # Unkept choices queue for a virtual expert E, so they never use a real expert's slot.
+        virtual = torch.where(keep, index, torch.full_like(index, num_experts))
+        slot = assign_slots(virtual, num_experts + 1, capacity, order)
+        slot = torch.where(keep, slot, torch.full_like(slot, -1))
+    combine = combine_weights.reshape(-1, s, k) * (slot >= 0).to(combine_weights.dtype)
+    return Routing(index, slot, combine).reshape(*lead, s)
+
+
+def expert_choice_routing(scores: Tensor, capacity: int) -> Routing:
+    """Expert-choice routing (Zhou et al. 2022): every expert takes its top-``capacity`` tokens.
+
+    scores: [..., S, E]. Returns a Routing [..., S, E] (K' = E): expert_index[..., s, e] = e;
+    slot_index = the token's rank among expert e's chosen tokens, -1 if e did not choose it;
+    combine_weights = scores where chosen, else 0. A token may get 0..E experts.
+    """
+    if scores.dim() < 2:
+        raise ValueError(f"scores must be [..., S, E], got shape {tuple(scores.shape)}")
+    lead, (s, e) = scores.shape[:-2], scores.shape[-2:]
+    if not 1 <= capacity <= s:
+        raise ValueError(f"capacity must be in [1, S={s}] (tokens per group), got {capacity}")
+    flat = scores.reshape(-1, s, e)
+    g = flat.shape[0]
+    chosen = torch.topk(flat, capacity, dim=1).indices  # [G, C, E] token of each expert's slot
+    ranks = torch.arange(capacity, device=scores.device).view(1, capacity, 1).expand(g, capacity, e)
+    slot = torch.full((g, s, e), -1, dtype=torch.long, device=scores.device).scatter_(1, chosen, ranks)
+    expert_index = torch.arange(e, device=scores.device).expand(g, s, e)
+    combine = flat * (slot >= 0).to(flat.dtype)
+    return Routing(expert_index, slot, combine).reshape(*lead, s)
+
+
+def group_limited_top_k(scores: Tensor, k: int, num_groups: int = 1, topk_groups: int | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """DeepSeek-V3 group-limited top-k: experts are split into ``num_groups`` contiguous groups, each
+    token keeps its ``topk_groups`` best groups (a group's score = the sum of its 2 highest expert
+    scores) and picks its top-k experts inside them.
+
+    scores: [..., S, E]. Returns (values, expert_index), both [..., S, K], descending.
+    """
+    e = scores.shape[-1]
+    topk_groups = num_groups if topk_groups is None else topk_groups
+    if num_groups < 1 or e % num_groups:
+        raise ValueError(f"num_groups must be >= 1 and divide the number of experts {e}, got {num_groups}")
+    if not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups}")
+    per_group = e // num_groups
+    if not 1 <= k <= topk_groups * per_group:
+        raise ValueError(f"k must be in [1, topk_groups * experts per group = {topk_groups * per_group}], "
+                         f"got {k}")
+    if topk_groups == num_groups:
+        return torch.topk(scores, k, dim=-1)
+    grouped = scores.unflatten(-1, (num_groups, per_group))
+    group_score = torch.topk(grouped, min(2, per_group), dim=-1).values.sum(-1)  # [..., S, n]
+    best = torch.topk(group_score, topk_groups, dim=-1).indices
+    allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, best, True)
+    masked = scores.masked_fill(~allowed.repeat_interleave(per_group, dim=-1), float("-inf"))
+    return torch.topk(masked, k, dim=-1)

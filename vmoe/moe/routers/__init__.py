@@ -1,6 +1,15 @@
 """Router modules: logits -> scores -> Routing + auxiliary loss + metrics. Select one by name."""
 from .base import ROUTERS, Router, RouterOutput, after_optimizer_step, build_router, float32_logits, register_router
+from .deepseek import DeepSeekRouter
+from .deepseek_v3 import DeepSeekV3Router
+from .dense import DenseRouter
+from .expert_choice import ExpertChoiceRouter
+from .gshard import GShardRouter
+from .mixtral import MixtralRouter
+from .shazeer import ShazeerRouter
+from .switch import SwitchRouter
 from .vmoe import NoisyTopKRouter
 
 __all__ = ["ROUTERS", "Router", "RouterOutput", "after_optimizer_step", "build_router", "float32_logits",
-           "register_router", "NoisyTopKRouter"]
+           "register_router", "NoisyTopKRouter", "DeepSeekRouter", "DeepSeekV3Router", "DenseRouter",
+           "ExpertChoiceRouter", "GShardRouter", "MixtralRouter", "ShazeerRouter", "SwitchRouter"]

@@ -1,6 +1,7 @@
 """The router interface every routing scheme implements, and the registry that names them."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -93,6 +94,13 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
 def build_router(name: str, **kwargs) -> Router:
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r}; valid: {sorted(ROUTERS)}")
+    # A setting the scheme has no use for is an error, never silently dropped.
+    params = inspect.signature(ROUTERS[name].__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [p for p in params if p != "self"]
+        unused = sorted(set(kwargs) - set(accepted))
+        if unused:
+            raise ValueError(f"router {name!r} does not use {unused}; it accepts {accepted}")
     return ROUTERS[name](**kwargs)
 
 

@@ -1,0 +1,62 @@
+"""The analytic cost model against hand counts and torch's FlopCounterMode."""
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vmoe.models import create_vmoe, model_cost
+from vmoe.models.flops import main
+
+ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+
+
+def counted_flops(model, x):
+    for block in model.blocks:  # explicit q@k^T and attn@v: FlopCounterMode skips CPU fused attention
+        block.attn.fused_attn = False
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def test_dense_count_matches_hand_formula_and_flop_counter():
+    model = timm.create_model("vit_small_patch16_224", **ARCH).eval()
+    t, d, h = 17, 32, 128  # 16 patches + cls
+    patch = 2 * 16 * 32 * 3 * 4 * 4
+    block = 2 * t * d * 3 * d + 2 * t * d * d + 4 * t * t * d + 2 * 2 * t * d * h
+    hand = patch + 2 * block + 2 * d * 5
+    cost = model_cost(model)
+    assert cost.flops == hand
+    assert cost.params == cost.active_params == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert counted_flops(model, torch.randn(1, 3, 16, 16)) == hand
+
+
+def test_moe_count_matches_flop_counter_when_nothing_is_dropped():
+    model = create_vmoe("vit_small_patch16_224", moe_layers="every-1", num_experts=4, k=2, capacity_factor=8.0,
+                        **ARCH).eval()
+    with torch.no_grad():
+        flops = counted_flops(model, torch.randn(1, 3, 16, 16))
+    cost = model_cost(model)
+    assert cost.flops == flops
+    dense = model_cost(timm.create_model("vit_small_patch16_224", **ARCH))
+    # per layer: one more MLP pass per token (K=2) plus the router 2*T*D*E
+    assert cost.flops - dense.flops == 2 * (2 * 17 * 2 * 32 * 128 + 2 * 17 * 32 * 4)
+    per_expert = 2 * 32 * 128 + 128 + 32
+    assert cost.params - dense.params == 2 * (3 * per_expert + 4 * 32)
+    assert cost.params - cost.active_params == 2 * 2 * per_expert  # E - K = 2 experts idle per token
+
+
+def test_structured_moe_count_matches_flop_counter():
+    """Fine-grained + shared experts + a residual MLP with learned coefficients (every token runs those)."""
+    model = create_vmoe("vit_small_patch16_224", moe_layers="last-1", num_experts=4, k=2, capacity_factor=8.0,
+                        moe_kwargs={"expert_granularity": 2, "num_shared_experts": 1, "residual": True,
+                                    "residual_coefficient": True}, **ARCH).eval()
+    with torch.no_grad():
+        flops = counted_flops(model, torch.randn(1, 3, 16, 16))
+    assert model_cost(model).flops == flops
+
+
+def test_main_prints_table(capsys):
+    main(["--backbone", "vit_tiny_patch16_224", "--img_size", "32", "--num_experts", "4", "--k", "1",
+          "--moe_layers", "last-2"])
+    out = capsys.readouterr().out
+    assert "vit_tiny_patch16_224" in out and "V-MoE E4 K1 last-2" in out and "GFLOPs/img" in out

@@ -1,0 +1,185 @@
+"""DeepSeekMoE expert structure (fine-grained, shared), DeepSpeed residual MoE, DeepSeek-V3 bias balancing."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vmoe.moe import MoEMlp, build_router
+from vmoe.moe.losses import sequence_balance_loss
+from vmoe.moe.routers import after_optimizer_step
+
+D, H = 16, 64
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def expert_flops(layer, x):
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    return sum(counter.get_flop_counts()["MoEMlp.experts"].values())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fine_grained_m4_same_expert_params_and_flops_as_m1(bias):
+    # A capacity factor large enough that nothing is dropped, so FLOPs count every choice.
+    kw = dict(num_experts=4, k=2, router="deepseek", capacity_factor=8.0, bias=bias)
+    m1, m4 = MoEMlp(D, H, **kw), MoEMlp(D, H, expert_granularity=4, **kw)
+    assert (m4.num_experts, m4.k, m4.experts.hidden_features) == (16, 8, 16)
+    # Weights: E*H*D*2 = 4*64*16*2 = 8192 for both; fc1 bias E*H = 256 for both. Each segment has its own
+    # fc2 bias, so biases add (m-1)*E*D = 192. The router grows from E*D = 64 to m*E*D = 256 (as in the paper).
+    extra = 3 * 4 * D if bias else 0
+    assert count(m4.experts) == count(m1.experts) + extra
+    assert count(m1.experts) == 8192 + (256 + 64 if bias else 0)
+    assert (count(m1.router), count(m4.router)) == (64, 256)
+    # Forward expert FLOPs: N*K*(2*D*H + 2*H*D) = 20*2*4096 = 163840 = N*(m*K)*(4*D*H/m).
+    x = torch.randn(2, 10, D)
+    assert expert_flops(m1, x) == expert_flops(m4, x) == 163840
+    assert float(m4.metrics["dropped_fraction"]) == 0
+
+
+def test_fine_grained_checks():
+    with pytest.raises(ValueError, match="expert_granularity=3 must divide the expert hidden width H=64"):
+        MoEMlp(D, H, expert_granularity=3)
+    with pytest.raises(ValueError, match="router 'expert_choice' has no default k"):
+        MoEMlp(D, H, router="expert_choice", expert_granularity=2)
+    assert MoEMlp(D, H, num_experts=4, expert_granularity=2).k == 4  # vmoe's default k=2, times m
+
+
+def test_shared_experts_are_added_to_the_routed_output():
+    torch.manual_seed(0)
+    layer = MoEMlp(D, H, num_experts=4, k=2, router="deepseek", expert_granularity=2, num_shared_experts=2).eval()
+    # K_s = 2 shared experts of hidden H/m = 32 stored as one MLP of hidden 64.
+    assert layer.shared_experts.fc1.weight.shape == (64, D)
+    x = torch.randn(2, 6, D)
+    y = layer(x)
+    shared, layer.shared_experts = layer.shared_experts, None
+    routed = layer(x)
+    torch.testing.assert_close(y, routed + shared(x))
+    # The single MLP equals the sum of the two experts (fc2 bias split between them).
+    f1w, f1b, f2w, f2b = shared.fc1.weight, shared.fc1.bias, shared.fc2.weight, shared.fc2.bias
+    act = torch.nn.functional.gelu
+    parts = [act(x @ f1w[i:i + 32].T + f1b[i:i + 32]) @ f2w[:, i:i + 32].T + f2b / 2 for i in (0, 32)]
+    torch.testing.assert_close(shared(x), parts[0] + parts[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("coefficient", [False, True])
+def test_residual_moe(coefficient):
+    torch.manual_seed(0)
+    layer = MoEMlp(D, H, num_experts=4, k=1, residual=True, residual_coefficient=coefficient).eval()
+    assert layer.residual.mlp.fc1.weight.shape == (H, D)  # the dense MLP is one full-size expert
+    x = torch.randn(2, 6, D)
+    y = layer(x)
+    residual, layer.residual = layer.residual, None
+    moe = layer(x)
+    dense = residual.mlp(x)
+    if coefficient:
+        mix = residual.coefficient(x).softmax(-1)
+        torch.testing.assert_close(y, mix[..., :1] * moe + mix[..., 1:] * dense)
+    else:
+        torch.testing.assert_close(y, moe + dense)
+    with pytest.raises(ValueError, match="residual_coefficient=True needs residual=True"):
+        MoEMlp(D, H, residual_coefficient=True)
+
+
+def v3(num_experts=4, k=1, **kw):
+    router = build_router("deepseek_v3", dim=num_experts, num_experts=num_experts, k=k, capacity_factor=8.0, **kw)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(num_experts))
+    return router
+
+
+def test_v3_bias_moves_against_overloaded_experts_and_changes_selection_only():
+    router = v3(gamma=0.5).train()
+    x = torch.tensor([[[1.0, 0.0, 0.0, 0.0]] * 3])  # sigmoid scores [.731, .5, .5, .5]: all pick e0
+    out = router(x)
+    assert out.routing.expert_index.flatten().tolist() == [0, 0, 0]
+    router.on_optimizer_step()  # load [3, 0, 0, 0], mean .75 -> sign(mean - load) = [-1, 1, 1, 1]
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-.5, .5, .5, .5]))
+    assert router.load_since_step.sum() == 0
+    out = router(x)  # biased [.231, 1, 1, 1]: e0 is no longer chosen
+    assert (out.routing.expert_index != 0).all()
+    # The bias picks the expert; the weight is the unbiased score normalised over the K=1 choice = 1.
+    torch.testing.assert_close(out.routing.combine_weights, torch.ones(1, 3, 1))
+
+
+def test_v3_k2_weights_are_normalised_unbiased_scores():
+    router = v3(k=2).eval()
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    # scores sigmoid([2, 1, 0, -1]) = [.880797, .731059, .5, .268941]; the bias forces e3 into the top-2:
+    # chosen (e3, e0), weights [.268941, .880797] / 1.149738 = [.233915, .766085].
+    out = router(torch.tensor([[[2.0, 1.0, 0.0, -1.0]]]))
+    assert out.routing.expert_index.tolist() == [[[3, 0]]]
+    torch.testing.assert_close(out.routing.combine_weights, torch.tensor([[[.233915, .766085]]]))
+
+
+def test_v3_bias_update_counts_all_micro_batches_of_a_step():
+    router = v3(gamma=0.1).train()
+    router(torch.tensor([[[1.0, 0, 0, 0]] * 3]))  # micro-batch 1: 3 tokens -> e0
+    router(torch.tensor([[[0, 1.0, 0, 0]]]))  # micro-batch 2: 1 token -> e1
+    router.on_optimizer_step()  # load [3, 1, 0, 0], mean 1 -> [-1, 0, 1, 1]
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-.1, 0, .1, .1]))
+    # Eval forwards never count; a step with no training forward leaves the bias alone.
+    router.eval()(torch.tensor([[[1.0, 0, 0, 0]]]))
+    router.on_optimizer_step()
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-.1, 0, .1, .1]))
+
+
+def test_v3_bias_survives_checkpoint_round_trip(tmp_path):
+    layer = MoEMlp(D, H, num_experts=4, k=2, router="deepseek_v3", router_kwargs={"gamma": 0.01}).train()
+    for _ in range(3):
+        layer(torch.randn(2, 8, D))
+        after_optimizer_step(layer)
+    bias = layer.router.expert_bias.clone()
+    assert bias.abs().sum() > 0
+    state = layer.state_dict()
+    assert "router.expert_bias" in state and "router.load_since_step" not in state
+    path = tmp_path / "layer.pt"
+    torch.save(state, path)
+    fresh = MoEMlp(D, H, num_experts=4, k=2, router="deepseek_v3")
+    fresh.load_state_dict(torch.load(path))
+    torch.testing.assert_close(fresh.router.expert_bias, bias)
+
+
+def test_v3_group_limited_and_sequence_loss_in_the_layer():
+    torch.manual_seed(0)
+    layer = MoEMlp(D, H, num_experts=8, k=2, router="deepseek_v3", group_size=4,
+                   router_kwargs={"num_groups": 4, "topk_groups": 1}).train()
+    x = torch.randn(2, 6, D)
+    layer(x)
+    index = layer.last_routing.expert_index  # [B, T, K]
+    assert (index[..., 0] // 2 == index[..., 1] // 2).all()  # both experts of a token in one group of 2
+    # The sequence loss is per image (T = 6 tokens) although routing groups are 4 tokens.
+    scores = (x @ layer.router.weight.T).sigmoid()
+    expected = sequence_balance_loss(scores, index)
+    torch.testing.assert_close(layer.metrics["sequence_balance_loss"], expected)
+    torch.testing.assert_close(layer.aux_loss, 1e-4 * expected)
+
+
+def test_v3_bias_updates_once_per_optimizer_step_under_lightning_accumulation(tmp_path):
+    L = pytest.importorskip("lightning")
+    module = pytest.importorskip("vmoe.train.module")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = module.ImageClassifier(
+        backbone="vit_tiny_patch16_224", num_classes=3, img_size=8, in_chans=1, moe_layers="last-1", num_experts=4,
+        k=2, router="deepseek_v3", moe_kwargs={"router_kwargs": {"gamma": 0.01}},
+        model_kwargs=dict(patch_size=4, embed_dim=16, depth=2, num_heads=2))
+    router = model.model.blocks[1].mlp.router
+    calls, loads = [], []
+    original = router.on_optimizer_step
+
+    def counting_hook():
+        calls.append(1)
+        loads.append(router.load_since_step.clone())
+        original()
+
+    router.on_optimizer_step = counting_hook
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))), batch_size=4)
+    trainer = L.Trainer(max_epochs=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=data)
+    # 4 micro-batches of 4 images x 5 tokens x k=2 -> 2 optimizer steps, each seeing 2 micro-batches = 80 choices.
+    assert len(calls) == 2 and [int(load.sum()) for load in loads] == [80, 80]
+    assert router.expert_bias.abs().max() <= 0.02 + 1e-6

@@ -1,0 +1,91 @@
+"""`vmoe visualize` / `vmoe sweep` on a tiny checkpoint, and the RoutingPictures callback in a real fit."""
+import json
+import os
+
+import lightning
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from vmoe.train.cli import main
+from vmoe.train.data import DigitsDataModule
+from vmoe.train.module import ImageClassifier
+from vmoe.viz.callback import RoutingPictures
+from vmoe.viz.cli import sweep
+
+MODEL = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, num_experts=4,
+             model_kwargs=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2), moe_layers="every-2")
+DATA = {"class_path": "vmoe.train.data.DigitsDataModule", "init_args": {"img_size": 16, "batch_size": 32}}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A LightningCLI-style run dir: <run>/checkpoints/last.ckpt next to <run>/config.yaml."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    module = ImageClassifier(**MODEL)
+    os.makedirs(run / "checkpoints")
+    path = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    with open(run / "config.yaml", "w") as f:
+        yaml.safe_dump({"model": MODEL, "data": DATA, "trainer": {"max_epochs": 1}}, f)
+    return path
+
+
+def test_visualize_writes_every_picture(ckpt, tmp_path, capsys):
+    assert main(["visualize", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--num_images", "3",
+                 "--capacity_factors", "0.25,1.0", "--max_batches", "2"]) is None  # console script exit 0
+    names = {"dropped_patches_cf0.25", "dropped_patches_cf1", "expert_map_block1", "expert_load",
+             "class_expert_block1"}
+    assert {p.stem for p in tmp_path.glob("*.png")} == names
+    for name in names:
+        with open(tmp_path / f"{name}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "DigitsDataModule (from" in capsys.readouterr().out  # found config.yaml next to checkpoints/
+
+
+def test_sweep_prints_table_and_saves(ckpt, tmp_path, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"data": DATA, "seed_everything": 0}))
+    rows = sweep(["--ckpt_path", str(ckpt), "--config", str(cfg), "--out", str(tmp_path / "s"),
+                 "--capacity_factors", "[0.1, 2.0]", "--max_batches", "1", "--data.init_args.eval_batch_size", "16"])
+    out = capsys.readouterr().out
+    assert [(r["capacity_factor"], r["mode"]) for r in rows] == [(0.1, "vanilla"), (0.1, "bpr"), (2.0, "vanilla"),
+                                                                (2.0, "bpr")]
+    assert all(r["num_images"] == 16 for r in rows)  # --data override applied on top of --config
+    assert rows[0]["dropped_tokens"] > rows[2]["dropped_tokens"] == 0.0
+    assert "BPR acc" in out and "batches of 16" in out
+    assert json.loads((tmp_path / "s" / "capacity_sweep.json").read_text()) == rows
+    assert (tmp_path / "s" / "capacity_sweep.png").stat().st_size > 1000
+
+
+def test_cli_errors_are_clear(ckpt, tmp_path):
+    with pytest.raises(SystemExit):  # jsonargparse reports the bad value and exits
+        main(["sweep", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--split", "train"])
+    with pytest.raises(ValueError, match="no such file"):
+        main(["sweep", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--config", str(tmp_path / "none.yaml")])
+    with pytest.raises(ValueError, match="32px images"):
+        main(["visualize", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--data.init_args.img_size", "32"])
+
+
+def test_callback_logs_to_csv_and_tensorboard(tmp_path):
+    torch.manual_seed(0)
+    dm = DigitsDataModule(img_size=16, batch_size=32)
+    module = ImageClassifier(**MODEL)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    trainer = lightning.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=2, logger=loggers,
+                                callbacks=[RoutingPictures(num_images=2, capacity_factors=[0.5])],
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    pngs = sorted(os.listdir(tmp_path / "csv" / "version_0" / "routing" / "epoch=0"))
+    assert pngs == ["class_expert_block1.png", "dropped_patches_cf0.5.png", "expert_load.png",
+                    "expert_map_block1.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
+    assert "routing/dropped_patches_cf0.5" in events.Tags()["images"]
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        RoutingPictures(every_n_epochs=0)

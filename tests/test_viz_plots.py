@@ -1,0 +1,141 @@
+"""Routing pictures: what each figure draws matches the captured routing; everything renders headless."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import to_rgba
+from timm.models.vision_transformer import VisionTransformer
+
+from vmoe.moe import MoEMlp
+from vmoe.viz import (DROPPED, PARTIAL, capacity_sweep, collect_routing_stats, display_images, format_sweep_table, loads_and_capacity,
+                      patch_layout, patch_status, plot_capacity_sweep, plot_class_expert_share,
+                      plot_dropped_patches, plot_expert_load, plot_expert_map, route, routing_figures,
+                      routing_settings, top1_expert_map)
+from vmoe.viz.plots import DROP_COLOR
+
+
+def tiny_vmoe(num_experts=4):
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=2,
+                              num_heads=2)
+    model.blocks[1].mlp = MoEMlp(32, 64, num_experts=num_experts, k=2, capacity_factor=1.0)
+    with torch.no_grad():  # a spread-out router so that experts really differ in load
+        model.blocks[1].mlp.router.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+def marks(ax):
+    """(# cells filled as 'lost every choice', # cells outlined as 'lost some') drawn on one panel."""
+    dropped = sum(1 for p in ax.patches if p.get_hatch() is None and p.get_facecolor()[:3] == to_rgba(DROP_COLOR)[:3])
+    partial = sum(1 for p in ax.patches if p.get_hatch() == "///")
+    return dropped, partial
+
+
+def test_marked_patches_equal_the_captured_routing():
+    model = tiny_vmoe()
+    images = torch.randn(3, 1, 16, 16)
+    grid, prefix = patch_layout(model)
+    assert grid == (4, 4) and prefix == 1
+    status, truth = {}, {}
+    for mode, bpr in (("vanilla", False), ("bpr", True)):
+        _, routings = route(model, images, eval_capacity_factor=0.3, batch_priority=bpr)
+        kept = routings[1].kept[:, prefix:]  # [B, 16, K], counted straight from the routing
+        truth[mode] = ((~kept.any(-1)).sum(1).tolist(), (kept.any(-1) & ~kept.all(-1)).sum(1).tolist())
+        status[mode] = {1: patch_status(routings[1], grid, prefix)}
+        assert (status[mode][1] == DROPPED).sum(axis=(1, 2)).tolist() == truth[mode][0]
+        assert (status[mode][1] == PARTIAL).sum(axis=(1, 2)).tolist() == truth[mode][1]
+    assert sum(truth["vanilla"][0]) > 0 and sum(truth["bpr"][1]) > 0  # the test has drops of both kinds
+    fig = plot_dropped_patches(display_images(images), status, capacity_factor=0.3)
+    axes = np.array(fig.axes).reshape(3, 3)  # rows: images; columns: input, block 1 vanilla, block 1 BPR
+    for i in range(3):
+        assert marks(axes[i, 0]) == (0, 0)
+        for j, mode in ((1, "vanilla"), (2, "bpr")):
+            assert marks(axes[i, j]) == (truth[mode][0][i], truth[mode][1][i])
+    assert axes[0, 1].get_title() == "block 1\nvanilla" and axes[0, 2].get_title() == "block 1\nBPR"
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def test_routing_settings_restore_and_route_does_not_leak():
+    model = tiny_vmoe()
+    layer = model.blocks[1].mlp
+    with routing_settings(model, eval_capacity_factor=0.25, batch_priority=True):
+        assert layer.eval_capacity_factor == 0.25 and layer.batch_priority
+    assert layer.router._eval_capacity_factor is None and layer.eval_capacity_factor == 1.0
+    assert not layer.batch_priority
+    model.train()
+    route(model, torch.randn(2, 1, 16, 16), eval_capacity_factor=0.5)
+    assert model.training and layer.eval_capacity_factor == 1.0
+
+
+def test_expert_map_and_load_draw_the_routing():
+    model = tiny_vmoe()
+    images = torch.randn(2, 1, 16, 16)
+    _, routings = route(model, images, eval_capacity_factor=0.5)
+    emap = top1_expert_map(routings[1], (4, 4), 1)
+    fig = plot_expert_map(display_images(images), emap, 4, block=1)
+    overlay = fig.axes[3].images[-1].get_array()  # second image's colour grid
+    np.testing.assert_array_equal(np.asarray(overlay), emap[1])
+    assert [t.get_text() for t in fig.axes[3].texts] == [str(v) for v in emap[1].reshape(-1)]
+    loads, capacity = loads_and_capacity(model, routings, eval_capacity_factor=0.5)
+    # 2 images x 17 tokens x K=2 = 68 choices over 4 experts at 0.5 -> ceil(8.5)=9 -> multiple of 4: 12
+    assert capacity == {1: 12}
+    kept, dropped = loads[1]
+    assert kept.sum(0).max() <= 12 and kept.sum() + dropped.sum() == 68
+    fig = plot_expert_load(loads, capacity)
+    ax = fig.axes[0]
+    heights = np.array([b.get_height() for b in ax.patches]).reshape(3, 4)  # rank 1, rank 2, dropped
+    np.testing.assert_array_equal(heights, np.vstack([kept, dropped.sum(0)]))
+    assert ax.lines[0].get_ydata()[0] == 12
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def test_class_share_and_sweep_plots():
+    counts = np.array([[3, 1, 0], [0, 0, 0], [1, 1, 2]])
+    fig = plot_class_expert_share(counts, ["a", "b", "c"], block=3)
+    np.testing.assert_allclose(np.asarray(fig.axes[0].images[0].get_array()),
+                               [[75, 25, 0], [0, 0, 0], [25, 25, 50]])
+    with pytest.raises(ValueError, match="2 class names for 3 classes"):
+        plot_class_expert_share(counts, ["a", "b"], block=3)
+    rows = [dict(capacity_factor=c, mode=m, accuracy=a, dropped_tokens=d)
+            for c, m, a, d in [(0.5, "vanilla", .5, .3), (0.5, "bpr", .7, .3), (1.0, "vanilla", .8, .1),
+                               (1.0, "bpr", .85, .1)]]
+    fig = plot_capacity_sweep(rows)
+    assert [tuple(line.get_ydata()) for line in fig.axes[0].lines] == [(50, 80), (70, 85)]
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def test_capacity_sweep_and_table():
+    model = tiny_vmoe()
+    data = [(torch.randn(4, 1, 16, 16), torch.randint(0, 3, (4,))) for _ in range(2)]
+    rows = capacity_sweep(model, data, capacity_factors=[0.25, 4.0])
+    assert [(r["capacity_factor"], r["mode"]) for r in rows] == [(0.25, "vanilla"), (0.25, "bpr"),
+                                                                (4.0, "vanilla"), (4.0, "bpr")]
+    assert all(r["num_images"] == 8 for r in rows)
+    assert rows[0]["dropped_assignments"] > 0.4 and rows[2]["dropped_tokens"] == 0.0
+    # At a capacity where nothing drops, routing mode cannot change the prediction.
+    assert rows[2]["accuracy"] == rows[3]["accuracy"]
+    table = format_sweep_table(rows)
+    assert "0.25" in table and "BPR acc" in table and len(table.splitlines()) == 5
+    with pytest.raises(ValueError, match="must be > 0"):
+        capacity_sweep(model, data, capacity_factors=[0.0])
+    with pytest.raises(ValueError, match="unknown routing modes"):
+        capacity_sweep(model, data, modes=["greedy"])
+
+
+def test_routing_figures_names():
+    model = tiny_vmoe()
+    images, labels = torch.randn(2, 1, 16, 16), torch.tensor([0, 2])
+    batches = [(images, labels), (torch.randn(4, 1, 16, 16), torch.tensor([1, 1, 0, 2]))]
+    stats = collect_routing_stats(model, batches, num_classes=3)
+    assert (stats.num_batches, stats.num_images) == (2, 6)
+    # capacity at the model's factor 1.0: 2*17*2/4 = 17 -> 20 slots; 4*17*2/4 = 34 -> 36 slots
+    assert stats.capacity == {1: 56}
+    assert stats.class_counts[1].sum(1).tolist() == [2 * 16 * 2, 2 * 16 * 2, 2 * 16 * 2]  # patches x K per class
+    loads, capacity = stats.mean_loads()
+    assert capacity == {1: 28.0} and loads[1][0].sum() + loads[1][1].sum() == (2 + 4) * 17 * 2 / 2
+    figs = routing_figures(model, images, labels, mean=[0.5], std=[0.25], capacity_factors=[0.5, 1.0],
+                           stats=stats, class_names=["x", "y", "z"])
+    assert sorted(figs) == ["class_expert_block1", "dropped_patches_cf0.5", "dropped_patches_cf1", "expert_load",
+                            "expert_map_block1"]
+    assert np.array(figs["dropped_patches_cf1"].axes).reshape(2, 3)[1, 0].get_ylabel() == "z"

@@ -1,0 +1,120 @@
+"""Lightning's DDP strategy with expert parallelism: dense weights data parallel, experts sharded.
+
+Select it from YAML (``trainer.strategy: {class_path: vmoe.distributed.ExpertParallelDDPStrategy,
+init_args: {expert_parallel_size: 2}}``), from the CLI (``--trainer.strategy ddp_expert_parallel`` once
+vmoe.distributed is imported, or the class path), or in Python.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from .grads import clip_grad_norm_, sync_expert_grads
+from .groups import ExpertParallelGroups, new_expert_parallel_groups
+from .shard import (expert_parameter_names, gather_expert_state_dict, gather_optimizer_state,
+                    shard_expert_state_dict, shard_experts, shard_optimizer_state)
+
+__all__ = ["ExpertParallelDDPStrategy"]
+
+
+class ExpertParallelDDPStrategy(DDPStrategy):
+    """DDP over all W ranks for the dense parameters; the experts of every MoE layer sharded over groups of
+    ``expert_parallel_size`` ranks (None: all ranks) and reached with all-to-all.
+
+    - setup: after the model is on its device, every MoE layer keeps its E/P experts (rank 0's weights,
+      like DDP's initial broadcast); the expert parameters are excluded from DDP's all-reduce and from
+      the state sync of validate/test.
+    - every optimizer step: expert gradients are turned into DDP's mean over ranks (``sync_expert_grads``)
+      before clipping; norm clipping uses the norm of the whole (sharded) model.
+    - checkpoints hold the full expert set (gathered from the group) and the optimizer moments of the
+      full set; loading slices them, so a checkpoint written with P ranks loads with any P', 1 included.
+
+    Other keyword arguments are DDPStrategy's (e.g. find_unused_parameters, static_graph, timeout).
+    """
+
+    strategy_name = "ddp_expert_parallel"
+
+    def __init__(self, expert_parallel_size: int | None = None, *, start_method: str = "popen",
+                 **kwargs: Any) -> None:
+        if start_method != "popen":
+            raise ValueError(f"ExpertParallelDDPStrategy supports start_method='popen' only, got {start_method!r}: "
+                             "the spawn/fork launchers copy rank 0's weights (its expert shard) back into the "
+                             "parent's full model")
+        if expert_parallel_size is not None and expert_parallel_size < 1:
+            raise ValueError(f"expert_parallel_size must be a positive int or None (all ranks), "
+                             f"got {expert_parallel_size}")
+        super().__init__(start_method=start_method, **kwargs)
+        self.expert_parallel_size = expert_parallel_size
+        self._ep_groups: ExpertParallelGroups | None = None
+
+    @property
+    def expert_parallel_groups(self) -> ExpertParallelGroups | None:
+        return self._ep_groups
+
+    def model_to_device(self) -> None:
+        super().model_to_device()
+        self._shard_experts()
+
+    def _shard_experts(self) -> None:
+        module = self.lightning_module
+        if self._ep_groups is None:
+            self._ep_groups = new_expert_parallel_groups(self.expert_parallel_size)
+        if not shard_experts(module, self._ep_groups):
+            rank_zero_warn("ExpertParallelDDPStrategy: the model has no MoE layer; training as plain DDP")
+        ignore = set(getattr(module, "_ddp_params_and_buffers_to_ignore", [])) | set(expert_parameter_names(module))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignore))
+        self._use_expert_parallel_clipping()
+
+    def _use_expert_parallel_clipping(self) -> None:
+        plugin = self.precision_plugin
+        if getattr(plugin, "_vmoe_expert_parallel_clipping", False):
+            return
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
+            clip_grad_norm_(plugin.main_params(optimizer), clip_val, self.lightning_module)
+
+        plugin.clip_grad_by_norm = clip_grad_by_norm
+        plugin._vmoe_expert_parallel_clipping = True
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
+                       **kwargs: Any) -> Any:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def closure_then_sync() -> Any:
+            # After the step's last backward, before clipping and the update.
+            result = closure()
+            sync_expert_grads(self.lightning_module, params)
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return gather_expert_state_dict(self.lightning_module, super().lightning_module_state_dict())
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        state = super().optimizer_state(optimizer)
+        raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        return gather_optimizer_state(raw, self.lightning_module, state)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        state = shard_expert_state_dict(self.lightning_module, checkpoint["state_dict"])
+        self.lightning_module.load_state_dict(state, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(shard_optimizer_state(optimizer, self.lightning_module, state))
+            _optimizer_to_device(optimizer, self.root_device)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="DDP with expert parallelism (vmoe)")
+
+
+if ExpertParallelDDPStrategy.strategy_name not in StrategyRegistry:
+    ExpertParallelDDPStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,61 @@
+"""DeepSeekMoE router (Dai et al. 2024): softmax affinity, top-K', expert- and device-level balance.
+
+Fine-grained segmentation and shared experts are properties of the MoE block (``expert_granularity``,
+``num_shared_experts`` on :class:`vmoe.moe.MoEMlp`): the block hands this router E' = m*E routed experts
+and K' = m*K choices.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import device_balance_loss, expert_balance_loss
+from ..routing import top_k_routing
+from .base import Router, RouterOutput, float32_logits, register_router
+
+__all__ = ["DeepSeekRouter"]
+
+
+@register_router("deepseek")
+class DeepSeekRouter(Router):
+    """s = softmax(x W^T) over the E' routed experts; each token keeps its top-K' experts with their raw
+    affinities as combine weights (not renormalised, as in DeepSeekMoE).
+
+    Loss: expert_balance_weight * sum_i f_i P_i + device_balance_weight * sum_d f'_d P'_d, the experts
+    split into ``num_devices`` contiguous groups for the device-level term (paper: 0.01 / 0.001 for the
+    expert term, 0.05 for the device term at 145B; the device term needs num_devices >= 2).
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
+                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
+                 expert_balance_weight: float = 0.01, device_balance_weight: float = 0.0,
+                 num_devices: int | None = None) -> None:
+        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority)
+        for name, value in (("expert_balance_weight", expert_balance_weight),
+                            ("device_balance_weight", device_balance_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if device_balance_weight > 0:
+            if num_devices is None or num_devices < 2 or num_experts % num_devices:
+                raise ValueError(f"device_balance_weight > 0 needs num_devices >= 2 dividing the "
+                                 f"{num_experts} routed experts, got num_devices={num_devices}")
+        elif num_devices is not None:
+            raise ValueError(f"num_devices={num_devices} is only used by the device-level balance loss; "
+                             "set device_balance_weight > 0 or drop num_devices")
+        self.expert_balance_weight, self.device_balance_weight = expert_balance_weight, device_balance_weight
+        self.num_devices = num_devices
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """x: [G, S, D] -> routing [G, S, K']."""
+        scores = float32_logits(x, self.weight).softmax(-1)  # [G, S, E']
+        routing = top_k_routing(scores, self.k, self.capacity(x.shape[-2]), self.batch_priority)
+        expert = expert_balance_loss(scores, routing.expert_index)
+        aux = self.expert_balance_weight * expert
+        metrics = {"expert_balance_loss": expert.detach()}
+        if self.device_balance_weight > 0:
+            device = device_balance_loss(scores, routing.expert_index, self.num_devices)
+            aux = aux + self.device_balance_weight * device
+            metrics["device_balance_loss"] = device.detach()
+        return RouterOutput(routing, aux, metrics)

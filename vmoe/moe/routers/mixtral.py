@@ -1,0 +1,51 @@
+"""Mixtral router (Jiang et al. 2024): softmax over the top-K logits."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import expert_balance_loss, z_loss
+from ..routing import route_choices
+from .base import Router, RouterOutput, float32_logits, register_router
+
+__all__ = ["MixtralRouter"]
+
+
+@register_router("mixtral")
+class MixtralRouter(Router):
+    """Each token picks the K experts with the largest logits; combine weights = softmax over those K
+    logits (they sum to 1 before capacity drops).
+
+    The paper adds no auxiliary loss, so both weights default to 0. balance_weight > 0 adds the top-K
+    f*P loss (:func:`expert_balance_loss` on softmax(logits)); z_loss_weight > 0 adds the router z-loss.
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
+                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
+                 balance_weight: float = 0.0, z_loss_weight: float = 0.0) -> None:
+        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority)
+        for name, value in (("balance_weight", balance_weight), ("z_loss_weight", z_loss_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.balance_weight, self.z_loss_weight = balance_weight, z_loss_weight
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """x: [G, S, D] -> routing [G, S, K]."""
+        logits = float32_logits(x, self.weight)
+        top_logits, expert_index = torch.topk(logits, self.k, dim=-1)
+        weights = top_logits.softmax(-1)
+        priority = weights[..., 0] if self.batch_priority else None
+        routing = route_choices(expert_index, weights, self.num_experts, self.capacity(x.shape[-2]), priority)
+        aux = logits.new_zeros(())
+        metrics = {}
+        if self.balance_weight > 0:
+            balance = expert_balance_loss(logits.softmax(-1), expert_index)
+            aux = aux + self.balance_weight * balance
+            metrics["balance_loss"] = balance.detach()
+        if self.z_loss_weight > 0:
+            zl = z_loss(logits)
+            aux = aux + self.z_loss_weight * zl
+            metrics["z_loss"] = zl.detach()
+        return RouterOutput(routing, aux, metrics)

@@ -1,0 +1,50 @@
+"""Switch Transformer router (Fedus et al. 2021): top-1, f*P balance loss, ST-MoE router z-loss."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import gshard_loss, z_loss
+from ..routing import top_k_routing
+from .base import Router, RouterOutput, float32_logits, register_router
+
+__all__ = ["SwitchRouter"]
+
+
+@register_router("switch")
+class SwitchRouter(Router):
+    """Each token goes to its single best expert; the router runs in float32 (the paper's selective
+    precision).
+
+    gates = softmax(x W^T) [G, S, E]; combine weight = the top-1 gate (not renormalised to 1).
+    Loss: balance_weight * E^2 mean_e(frac_top1 * mean_gate) + z_loss_weight * mean(logsumexp^2).
+    jitter_eps > 0 multiplies the router input by U(1-eps, 1+eps) noise in training (the paper's jitter);
+    it is off by default.
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.05,
+                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
+                 balance_weight: float = 0.01, z_loss_weight: float = 1e-3, jitter_eps: float = 0.0) -> None:
+        if k != 1:
+            raise ValueError(f"switch routes every token to exactly one expert (k=1), got k={k}; "
+                             "use gshard, mixtral or vmoe for k > 1")
+        super().__init__(num_experts, 1, capacity_factor, eval_capacity_factor, batch_priority)
+        for name, value in (("balance_weight", balance_weight), ("z_loss_weight", z_loss_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not 0 <= jitter_eps < 1:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
+        self.balance_weight, self.z_loss_weight, self.jitter_eps = balance_weight, z_loss_weight, jitter_eps
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """x: [G, S, D] -> routing [G, S, 1]."""
+        if self.training and self.jitter_eps > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        logits = float32_logits(x, self.weight)
+        gates = logits.softmax(-1)
+        routing = top_k_routing(gates, 1, self.capacity(x.shape[-2]), self.batch_priority)
+        balance, zl = gshard_loss(gates), z_loss(logits)
+        aux = self.balance_weight * balance + self.z_loss_weight * zl
+        return RouterOutput(routing, aux, {"balance_loss": balance.detach(), "z_loss": zl.detach()})

@@ -1,0 +1,90 @@
+"""What every vmoe DataModule shares: dataloaders, a seeded split, and an in-memory tensor dataset."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["ImageDataModule", "TensorImageDataset", "seeded_split"]
+
+
+class TensorImageDataset(Dataset):
+    """Images [N, C, H, W] (uint8 or float in [0, 1]) and labels [N] held in memory; ``transform`` per item."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and "
+                             f"{tuple(labels.shape)}")
+        self.images, self.labels, self.transform = images, labels.long(), transform
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x = self.images[index]
+        return (self.transform(x) if self.transform is not None else x), self.labels[index]
+
+
+def seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[Tensor]:
+    """Split range(n) into len(sizes) disjoint index sets by a permutation fixed by ``seed``.
+
+    The split never depends on the global RNG, so every run (and every rank) sees the same split.
+    """
+    if any(s < 0 for s in sizes) or sum(sizes) > n:
+        raise ValueError(f"split sizes {list(sizes)} must be >= 0 and sum to at most {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out, start = [], 0
+    for size in sizes:
+        out.append(perm[start:start + size].sort().values)
+        start += size
+    return out
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base class: subclasses set ``num_classes``, ``in_chans``, ``img_size``, ``mean``, ``std`` in __init__
+    (so the CLI can link them into the model before anything is loaded) and build
+    ``train_set`` / ``val_set`` / ``test_set`` in ``setup``. predict uses the test split.
+    """
+
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
+                 pin_memory: bool | None = None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, split: str, *, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: the {split} split is not set up; call setup() first")
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                          drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", train=False)

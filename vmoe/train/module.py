@@ -1,0 +1,248 @@
+"""ImageClassifier: the LightningModule that trains and evaluates a V-MoE (or a dense timm ViT)."""
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..moe import iter_moe_layers
+from ..moe.routers import after_optimizer_step
+from .schedule import warmup_decay_factor
+
+__all__ = ["ImageClassifier", "build_network"]
+
+_OWN_KEYS = ("num_classes", "img_size", "in_chans", "pretrained", "checkpoint_path", "moe_layers", "num_experts",
+             "k", "capacity_factor", "eval_capacity_factor", "batch_priority", "noise_std", "group_size", "router",
+             "moe_kwargs")
+
+
+def build_network(backbone: str, *, num_classes: int, img_size: int, in_chans: int, moe_layers: str | list[int] | None,
+                  pretrained: bool = False, checkpoint_path: str | None = None,
+                  model_kwargs: dict[str, Any] | None = None, **moe: Any) -> nn.Module:
+    """A timm ViT: V-MoE via ``vmoe.models.create_vmoe`` (which also upcycles a dense ``checkpoint_path``), or,
+    when ``moe_layers`` is None, the dense backbone through ``timm.create_model`` with the same width/depth."""
+    model_kwargs = dict(model_kwargs or {})
+    clash = sorted(set(model_kwargs) & set(_OWN_KEYS))
+    if clash:
+        raise ValueError(f"model_kwargs must not set {clash}: they are ImageClassifier arguments of their own")
+    common = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **model_kwargs)
+    if moe_layers is None:
+        import timm
+
+        model = timm.create_model(backbone, pretrained=pretrained, **common)
+        if checkpoint_path is not None:
+            from ..models import load_weights
+
+            load_weights(model, checkpoint_path)
+        return model
+    from ..models import create_vmoe
+
+    return create_vmoe(backbone, moe_layers=moe_layers, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                       **moe, **common)
+
+
+def _block_name(qualified: str) -> str:
+    """"blocks.3.mlp" -> "block3" (the metric key of a MoE layer); other layouts keep their dotted path."""
+    match = re.search(r"blocks\.(\d+)\.", qualified + ".")
+    return f"block{match.group(1)}" if match else qualified.replace(".", "_")
+
+
+class ImageClassifier(L.LightningModule):
+    """Image classification with a V-MoE or dense timm ViT (``self.model``; state-dict prefix "model.").
+
+    Network: ``backbone`` is a timm model name; ``model_kwargs`` go to timm (embed_dim, depth, num_heads,
+    patch_size, drop_path_rate, ...). ``moe_layers`` ("every-2", "last-2", a list of block indices) makes it a
+    V-MoE with the MoE arguments of ``create_vmoe``; ``moe_layers=None`` makes it dense (the MoE arguments are
+    then unused, and eval_capacity_factor / batch_priority must stay at their defaults). ``checkpoint_path``:
+    weights to start from (a dense checkpoint is upcycled into the V-MoE).
+
+    Routing at evaluation: ``eval_capacity_factor`` (None = the training factor) and ``batch_priority`` are
+    applied to every MoE layer at the start of validate/test/predict, so changing them on the command line
+    re-evaluates a trained checkpoint at another capacity without retraining.
+
+    Loss: cross-entropy on logits [B, C] (``label_smoothing`` in training only) + the MoE auxiliary loss.
+    Optimiser: AdamW/Adam (``betas``) or SGD (``momentum``, Nesterov); no weight decay on biases, norms,
+    position embeddings and tokens; per-step linear warmup then ``lr_decay`` down to ``min_lr_ratio * lr``.
+    Logs {train,val,test}/{loss,acc1,acc5,aux_loss} and {stage}/moe/block{i}/{load_cv,dropped_fraction}.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224",
+        num_classes: int = 1000,
+        img_size: int = 224,
+        in_chans: int = 3,
+        model_kwargs: dict[str, Any] | None = None,
+        moe_layers: str | list[int] | None = "every-2",
+        num_experts: int | list[int] = 8,
+        k: int | None = None,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        batch_priority: bool = False,
+        noise_std: float | None = None,
+        group_size: int | None = None,
+        router: str = "vmoe",
+        moe_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        momentum: float = 0.9,
+        warmup_steps: int = 0,
+        lr_decay: Literal["cosine", "linear", "constant"] = "cosine",
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {optimizer!r}")
+        if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0 <= label_smoothing < 1:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= label_smoothing < 1; got "
+                             f"lr={lr}, weight_decay={weight_decay}, warmup_steps={warmup_steps}, "
+                             f"label_smoothing={label_smoothing}")
+        if lr_decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_decay must be 'cosine', 'linear' or 'constant', got {lr_decay!r}")
+        if moe_layers is None and (eval_capacity_factor is not None or batch_priority):
+            raise ValueError("eval_capacity_factor and batch_priority act on MoE layers, but moe_layers=None builds a "
+                             f"dense model (got eval_capacity_factor={eval_capacity_factor}, "
+                             f"batch_priority={batch_priority})")
+        if eval_capacity_factor is not None and not eval_capacity_factor > 0:
+            raise ValueError(f"eval_capacity_factor must be > 0 or None, got {eval_capacity_factor}")
+        moe = {} if moe_layers is None else dict(
+            num_experts=num_experts, k=k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+            batch_priority=batch_priority, noise_std=noise_std, group_size=group_size, router=router,
+            moe_kwargs=moe_kwargs)
+        self.model = build_network(backbone, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+                                   moe_layers=moe_layers, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                                   model_kwargs=model_kwargs, **moe)
+        self.moe_layer_names = {name: _block_name(name) for name, _ in iter_moe_layers(self.model)}
+        if moe_layers is not None and not self.moe_layer_names:
+            raise ValueError(f"moe_layers={moe_layers!r} placed no MoE layer in {backbone}")
+        metrics = {}
+        for stage in ("train", "val", "test"):
+            metrics[f"{stage}_acc1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+            if num_classes >= 5:
+                metrics[f"{stage}_acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        self.metrics = nn.ModuleDict(metrics)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, in_chans, img_size, img_size] -> logits [B, num_classes]."""
+        return self.model(x)
+
+    def aux_loss(self) -> Tensor:
+        """Sum of the weighted auxiliary losses of the MoE layers from the latest forward (0 when dense)."""
+        from ..models import aux_loss
+
+        return torch.as_tensor(aux_loss(self.model), dtype=torch.float32, device=self.device)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x).float()
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        task = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        aux = self.aux_loss()
+        loss = task + aux
+        on_step, on_epoch, b = stage == "train", stage != "train", x.shape[0]
+        log = partial(self.log, on_step=on_step, on_epoch=on_epoch, batch_size=b, prog_bar=False)
+        log(f"{stage}/loss", loss, prog_bar=True)
+        log(f"{stage}/aux_loss", aux)
+        for top in ("acc1", "acc5"):
+            metric = self.metrics[f"{stage}_{top}"] if f"{stage}_{top}" in self.metrics else None
+            if metric is not None:
+                metric(logits.detach(), y)
+                log(f"{stage}/{top}", metric, prog_bar=top == "acc1")
+        for name, layer in iter_moe_layers(self.model):
+            key = self.moe_layer_names.get(name, _block_name(name))
+            for metric_name in ("load_cv", "dropped_fraction"):
+                if metric_name in layer.metrics:
+                    log(f"{stage}/moe/{key}/{metric_name}", layer.metrics[metric_name].float())
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Returns probs [B, C], pred [B] and, when the batch has labels, target [B]."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(x).float().softmax(-1)
+        out = {"probs": probs, "pred": probs.argmax(-1)}
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            out["target"] = batch[1]
+        return out
+
+    # --- routing settings that change without retraining -------------------------------------------------
+    def apply_routing_settings(self) -> None:
+        """Push eval_capacity_factor and batch_priority from the hyper-parameters into every MoE layer."""
+        for _, layer in iter_moe_layers(self.model):
+            layer.eval_capacity_factor = self.hparams.eval_capacity_factor
+            layer.batch_priority = self.hparams.batch_priority
+
+    def on_fit_start(self) -> None:
+        self.apply_routing_settings()
+
+    def on_validation_start(self) -> None:
+        self.apply_routing_settings()
+
+    def on_test_start(self) -> None:
+        self.apply_routing_settings()
+
+    def on_predict_start(self) -> None:
+        self.apply_routing_settings()
+
+    # --- optimisation ---------------------------------------------------------------------------------------
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Once per real optimizer step (not per micro-batch): e.g. DeepSeek-V3's bias update.
+        after_optimizer_step(self.model)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        skip = set(getattr(self.model, "no_weight_decay", lambda: set())())
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Stacked expert biases are 2-D ([E, H]), so go by name as well as by rank.
+            if param.ndim <= 1 or name.endswith("bias") or name in skip or name.split(".")[-1] in skip:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = self._param_groups()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+        else:
+            cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+            opt = cls(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_steps or max_epochs")
+        total = max(1, int(total))
+        warmup = hp.warmup_steps
+        if warmup > total:  # e.g. fast_dev_run or a max_steps override on a long config
+            rank_zero_warn(f"warmup_steps={warmup} exceeds the run's {total} optimizer steps; warming up over "
+                           f"all {total} steps instead")
+            warmup = total
+        factor = partial(warmup_decay_factor, warmup_steps=warmup, total_steps=total, decay=hp.lr_decay,
+                         min_lr_ratio=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -1,0 +1,248 @@
+"""``vmoe visualize`` and ``vmoe sweep``: routing pictures and the capacity sweep of a trained checkpoint.
+
+Both take a Lightning checkpoint of :class:`vmoe.train.module.ImageClassifier` (the network and its
+hyper-parameters come from it) and a datamodule, chosen like in training: ``--config`` a training YAML
+(its ``data`` section is used), else the ``config.yaml`` LightningCLI saved next to the checkpoint's
+``checkpoints/`` folder; ``--data ...`` options on the command line override either.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning import LightningDataModule
+from torch import nn
+
+from .collect import collect_routing_stats, moe_blocks
+from .plots import plot_capacity_sweep
+from .report import class_names, routing_figures, save_figure
+from .sweep import DEFAULT_CAPACITY_FACTORS, MODES, capacity_sweep, format_sweep_table
+
+__all__ = ["visualize_main", "sweep_main", "visualize", "sweep", "load_classifier", "resolve_data_config"]
+
+_LIST_FLAGS = ("--capacity_factors", "--modes")
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` in argv ("--flag v" or "--flag=v"), the last one wins."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def _bracket_lists(argv: list[str]) -> list[str]:
+    """Let list options be written as 0.1,0.5,1 as well as [0.1,0.5,1]."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        for flag in _LIST_FLAGS:
+            if arg == flag and i + 1 < len(out) and not out[i + 1].lstrip().startswith("["):
+                out[i + 1] = f"[{out[i + 1]}]"
+            elif arg.startswith(flag + "=") and not arg[len(flag) + 1:].lstrip().startswith("["):
+                out[i] = f"{flag}=[{arg[len(flag) + 1:]}]"
+    return out
+
+
+def resolve_data_config(ckpt_path: str, config: str | None) -> tuple[dict | None, str | None]:
+    """The ``data`` section ({class_path, init_args}) of the training YAML, and where it came from.
+
+    ``config`` given: that file (it must have a ``data`` section). Otherwise the config.yaml LightningCLI
+    saves in the run's log dir (``<log_dir>/checkpoints/x.ckpt`` -> ``<log_dir>/config.yaml``), if any.
+    """
+    candidates = [Path(config)] if config else [Path(ckpt_path).resolve().parent.parent / "config.yaml",
+                                                 Path(ckpt_path).resolve().parent / "config.yaml"]
+    for path in candidates:
+        if not path.is_file():
+            if config:
+                raise ValueError(f"--config {config}: no such file")
+            continue
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if data is None:
+            if config:
+                raise ValueError(f"--config {config} has no 'data' section (expected a training YAML with "
+                                 "data: {class_path: ..., init_args: ...})")
+            continue
+        if isinstance(data, str):
+            data = {"class_path": data}
+        if "class_path" not in data:
+            raise ValueError(f"{path}: the data section needs a class_path (e.g. "
+                             f"vmoe.train.data.FashionMNISTDataModule), got keys {sorted(data)}")
+        return data, str(path)
+    return None, None
+
+
+def _parser(prog: str, description: str) -> ArgumentParser:
+    import vmoe.train.data  # noqa: F401  (so --data accepts the short class names)
+
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--ckpt_path", type=str, required=True, help="Lightning checkpoint of an ImageClassifier V-MoE")
+    p.add_argument("--out", type=str, required=True, help="directory for the PNG files (created)")
+    p.add_argument("--config", type=Optional[str], default=None,
+                   help="training YAML whose data section picks the dataset (default: the config.yaml "
+                        "LightningCLI saved with the checkpoint)")
+    p.add_subclass_arguments(LightningDataModule, "data", required=False,
+                             help="datamodule, as in the training config (overrides --config)")
+    p.add_argument("--device", type=str, default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--max_batches", type=Optional[int], default=None,
+                   help="evaluate at most this many batches (default: the whole split)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _parse(p: ArgumentParser, argv: list[str]):
+    argv = _bracket_lists(list(argv))
+    ckpt, config = _flag_value(argv, "--ckpt_path"), _flag_value(argv, "--config")
+    source = None
+    if ckpt is not None:
+        data, source = resolve_data_config(ckpt, config)
+        if data is not None:
+            p.set_defaults(data=data)
+    args = p.parse_args(argv)
+    if args.data is None:
+        p.error("no datamodule: pass --config TRAINING_YAML or --data CLASS (e.g. --data FashionMNISTDataModule); "
+                "no config.yaml was found next to the checkpoint")
+    if args.max_batches is not None and args.max_batches < 1:
+        p.error(f"--max_batches must be >= 1, got {args.max_batches}")
+    return args, source
+
+
+def load_classifier(ckpt_path: str, device: str = "auto") -> nn.Module:
+    """The ImageClassifier of a Lightning checkpoint, in eval mode on ``device``."""
+    from vmoe.train.module import ImageClassifier
+
+    if not os.path.isfile(ckpt_path):
+        raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint of an ImageClassifier (it has "
+                         f"keys {sorted(checkpoint)[:8]}; expected state_dict and hyper_parameters)")
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    # The weights come from this checkpoint, so do not re-read the file it was initialised from.
+    hparams.update(pretrained=False, checkpoint_path=None)
+    module = ImageClassifier(**hparams)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.to(device).eval()
+
+
+def _setup(p: ArgumentParser, args, stage: str):
+    torch.manual_seed(args.seed)
+    dm = p.instantiate(args).data
+    module = load_classifier(args.ckpt_path, args.device)
+    network = module.model
+    moe_blocks(network)  # a clear error now when the checkpoint is a dense model
+    size = tuple(int(s) for s in network.patch_embed.img_size)
+    dm_size = getattr(dm, "img_size", None)
+    if dm_size is not None and tuple([dm_size] * 2 if isinstance(dm_size, int) else dm_size) != size:
+        raise ValueError(f"the datamodule makes {dm_size}px images but the checkpoint's model takes {size}; "
+                         "pick the data options the model was trained with")
+    dm.prepare_data()
+    dm.setup(stage)
+    return dm, network
+
+
+def _first_images(loader, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels, have = [], [], 0
+    for x, y in loader:
+        images.append(x)
+        labels.append(y)
+        have += x.shape[0]
+        if have >= n:
+            break
+    if have == 0:
+        raise ValueError("the validation split is empty")
+    return torch.cat(images)[:n], torch.cat(labels)[:n]
+
+
+def visualize_main(argv: list[str] | None = None) -> None:
+    """Entry of ``vmoe visualize`` (returns None, so the console script exits with status 0)."""
+    visualize(argv)
+
+
+def visualize(argv: list[str] | None = None) -> dict[str, str]:
+    """``vmoe visualize``: write the routing pictures of a checkpoint into --out; returns {name: path}."""
+    p = _parser("vmoe visualize", "Pictures of a trained V-MoE's routing: dropped patches (vanilla vs BPR) "
+                                  "per capacity factor, top-1 expert maps, tokens per expert, class x expert.")
+    p.add_argument("--num_images", type=int, default=8, help="validation images shown (they form one batch)")
+    p.add_argument("--capacity_factors", type=list[float], default=[0.5, 1.0],
+                   help="eval capacity factors of the dropped-patch pictures, e.g. 0.25,0.5,1.0")
+    args, source = _parse(p, sys.argv[1:] if argv is None else argv)
+    if args.num_images < 1:
+        p.error(f"--num_images must be >= 1, got {args.num_images}")
+    if not args.capacity_factors or any(not f > 0 for f in args.capacity_factors):
+        p.error(f"--capacity_factors must be a non-empty list of numbers > 0, got {args.capacity_factors}")
+    dm, network = _setup(p, args, "validate")
+    images, labels = _first_images(dm.val_dataloader(), args.num_images)
+    stats = collect_routing_stats(network, dm.val_dataloader(), dm.num_classes, args.max_batches)
+    figures = routing_figures(network, images, labels, mean=getattr(dm, "mean", None), std=getattr(dm, "std", None),
+                              capacity_factors=args.capacity_factors, stats=stats, class_names=class_names(dm))
+    written = {name: save_figure(fig, os.path.join(args.out, f"{name}.png")) for name, fig in figures.items()}
+    print(f"data: {type(dm).__name__}" + (f" (from {source})" if source else ""))
+    for path in written.values():
+        print(f"wrote {path}")
+    return written
+
+
+def sweep_main(argv: list[str] | None = None) -> None:
+    """Entry of ``vmoe sweep`` and scripts/capacity_sweep.py (returns None: exit status 0)."""
+    sweep(argv)
+
+
+def sweep(argv: list[str] | None = None) -> list[dict]:
+    """``vmoe sweep``: accuracy and dropped tokens at many eval capacity factors, vanilla and BPR.
+
+    Prints the table and writes capacity_sweep.{png,csv,json} into --out; returns the rows.
+    """
+    p = _parser("vmoe sweep", "Evaluate a trained V-MoE at many eval capacity factors, with vanilla routing "
+                              "and Batch Priority Routing; print the table and save the plot.")
+    p.add_argument("--capacity_factors", type=list[float], default=list(DEFAULT_CAPACITY_FACTORS),
+                   help="eval capacity factors, e.g. 0.1,0.25,0.5,1.0,2.0")
+    p.add_argument("--modes", type=list[str], default=list(MODES), help=f"routing modes, from {list(MODES)}")
+    p.add_argument("--split", type=str, default="test", help="test or val")
+    args, source = _parse(p, sys.argv[1:] if argv is None else argv)
+    if args.split not in ("test", "val"):
+        p.error(f"--split must be 'test' or 'val', got {args.split!r}")
+    dm, network = _setup(p, args, "test" if args.split == "test" else "validate")
+    loader = dm.test_dataloader() if args.split == "test" else dm.val_dataloader()
+    rows = capacity_sweep(network, loader, args.capacity_factors, args.modes, args.max_batches)
+    title = (f"{type(dm).__name__} {args.split} split, {rows[0]['num_images']} images in batches of "
+             f"{loader.batch_size} (one routing group per batch)")
+    print(title)
+    print(format_sweep_table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    png = save_figure(plot_capacity_sweep(rows, title=f"Capacity sweep: {title}"),
+                      os.path.join(args.out, "capacity_sweep.png"))
+    _write_rows(rows, os.path.join(args.out, "capacity_sweep"))
+    print(f"wrote {png} and capacity_sweep.csv/.json" + (f" (data from {source})" if source else ""))
+    return rows
+
+
+def _write_rows(rows: list[dict], stem: str) -> None:
+    for suffix, write in ((".csv", _write_csv), (".json", _write_json)):
+        tmp = f"{stem}{suffix}.tmp"
+        with open(tmp, "w", newline="") as f:
+            write(rows, f)
+        os.replace(tmp, stem + suffix)
+
+
+def _write_csv(rows: list[dict], f) -> None:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _write_json(rows: list[dict], f) -> None:
+    json.dump(rows, f, indent=1)

@@ -1,0 +1,207 @@
+"""Run a V-MoE on images and collect what the pictures need: routings, loads, class-expert counts.
+
+Works on any timm VisionTransformer whose ``blocks[i].mlp`` are MoE layers (``is_moe_layer``). The
+routing settings (eval capacity factor, BPR) are changed only inside :func:`routing_settings` and put
+back afterwards, so these helpers can run on a model that is still training.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..moe import compute_capacity, is_moe_layer
+from ..moe.routing import Routing
+from .status import class_expert_counts, expert_load
+
+__all__ = ["moe_blocks", "patch_layout", "routing_settings", "route", "layer_capacity",
+           "loads_and_capacity", "RoutingStats", "collect_routing_stats"]
+
+_UNSET = object()
+
+
+def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
+    """{block index: MoE layer} of a timm ViT (the MoE layers sit at ``model.blocks[i].mlp``)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no .blocks; expected a timm VisionTransformer")
+    found = {i: b.mlp for i, b in enumerate(blocks) if is_moe_layer(getattr(b, "mlp", nn.Identity()))}
+    if not found:
+        raise ValueError("the model has no MoE layers (no blocks[i].mlp with is_moe_layer=True)")
+    return found
+
+
+def patch_layout(model: nn.Module) -> tuple[tuple[int, int], int]:
+    """((gh, gw) patch grid, number of prefix tokens such as CLS) of a timm ViT."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "grid_size", None) is None:
+        raise ValueError(f"{type(model).__name__} has no patch_embed.grid_size; expected a timm ViT")
+    gh, gw = (int(g) for g in embed.grid_size)
+    return (gh, gw), int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None
+                                 else 0))
+
+
+@contextlib.contextmanager
+def routing_settings(model: nn.Module, *, eval_capacity_factor: float | None = None,
+                     batch_priority: bool | None = None) -> Iterator[None]:
+    """Temporarily set the eval capacity factor and/or BPR of every MoE layer (None leaves it)."""
+    layers = list(moe_blocks(model).values())
+    saved = []
+    for layer in layers:
+        router = getattr(layer, "router", None)
+        # The router keeps "None = follow the training factor"; restore exactly that when we can see it.
+        raw = getattr(router, "_eval_capacity_factor", _UNSET)
+        saved.append((layer.eval_capacity_factor if raw is _UNSET else raw, layer.batch_priority))
+    try:
+        for layer in layers:
+            if eval_capacity_factor is not None:
+                layer.eval_capacity_factor = eval_capacity_factor
+            if batch_priority is not None:
+                layer.batch_priority = batch_priority
+        yield
+    finally:
+        for layer, (cf, bp) in zip(layers, saved):
+            layer.eval_capacity_factor = cf
+            layer.batch_priority = bp
+
+
+def _capture(model: nn.Module):
+    """vmoe.models.capture_routing when it exists, else the layers' ``last_routing`` after the forward."""
+    try:
+        from ..models import capture_routing
+    except ImportError:
+        capture_routing = None
+    if capture_routing is not None:
+        return capture_routing(model)
+
+    @contextlib.contextmanager
+    def fallback():
+        captured: dict[int, Routing] = {}
+        yield captured
+    return fallback()
+
+
+@torch.inference_mode()
+def route(model: nn.Module, images: Tensor, *, eval_capacity_factor: float | None = None,
+          batch_priority: bool | None = None) -> tuple[Tensor, dict[int, Routing]]:
+    """Eval-mode forward of images [B, C, H, W] -> (logits [B, classes], {block: Routing [B, T, K]}).
+
+    The batch is one forward, so with the default routing groups it is also one routing group: the
+    picture shows exactly the drops this batch caused. Training mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with routing_settings(model, eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority):
+            with _capture(model) as captured:
+                logits = model(images.to(device))
+                routings = dict(captured)
+            if not routings:
+                routings = {i: layer.last_routing for i, layer in moe_blocks(model).items()}
+    finally:
+        model.train(was_training)
+    missing = [i for i, r in routings.items() if r is None]
+    if missing:
+        raise RuntimeError(f"MoE layers in blocks {missing} recorded no routing")
+    return logits, {i: Routing(*(t.detach().cpu() for t in r)) for i, r in sorted(routings.items())}
+
+
+def layer_capacity(layer: nn.Module, batch_size: int, num_tokens: int) -> int:
+    """Slots per expert summed over the routing groups of an eval forward of [batch_size, num_tokens]."""
+    n = batch_size * num_tokens
+    group = getattr(layer, "group_size", None) or n
+    router = getattr(layer, "router", None)
+    if router is not None and hasattr(router, "capacity") and not router.training:
+        per_group = router.capacity(group)
+    else:
+        per_group = compute_capacity(group * layer.k, layer.num_experts, layer.eval_capacity_factor)
+    return per_group * (n // group)
+
+
+def loads_and_capacity(model: nn.Module, routings: Mapping[int, Routing], *,
+                       eval_capacity_factor: float | None = None
+                       ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], dict[int, int]]:
+    """Per-block (kept [K, E], dropped [K, E]) counts and total capacity for one routed batch.
+
+    eval_capacity_factor: the factor the routing was made at (None: the model's current one).
+    """
+    layers = moe_blocks(model)
+    loads, capacity = {}, {}
+    was_training = model.training
+    model.eval()  # capacity follows the eval factor, as in the forward that made the routing
+    try:
+        with routing_settings(model, eval_capacity_factor=eval_capacity_factor):
+            for block, routing in routings.items():
+                b, t, _ = routing.expert_index.shape
+                loads[block] = expert_load(routing, layers[block].num_experts)
+                capacity[block] = layer_capacity(layers[block], b, t)
+    finally:
+        model.train(was_training)
+    return loads, capacity
+
+
+class RoutingStats:
+    """Routing statistics summed over many batches of one model (e.g. a validation set).
+
+    class_counts: {block: [num_classes, E]} patch choices per class (see ``class_expert_counts``);
+    kept / dropped: {block: [K, E]} assignments by choice rank; capacity: {block: slots per expert, summed
+    over every routing group seen}; num_batches, num_images. Feed it with :meth:`add` after each forward.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.layers = moe_blocks(model)
+        self.prefix = patch_layout(model)[1]
+        self.num_classes = num_classes
+        self.class_counts = {b: np.zeros((num_classes, m.num_experts), dtype=np.int64) for b, m in self.layers.items()}
+        self.kept = {b: np.zeros((m.k, m.num_experts), dtype=np.int64) for b, m in self.layers.items()}
+        self.dropped = {b: np.zeros((m.k, m.num_experts), dtype=np.int64) for b, m in self.layers.items()}
+        self.capacity = {b: 0 for b in self.layers}
+        self.num_batches = self.num_images = 0
+
+    def add(self, routings: Mapping[int, Routing], labels: Tensor) -> None:
+        """Add one eval forward's routings {block: [B, T, K]} with their labels [B].
+
+        The capacity is read from the layers' current eval settings, so call this before changing them.
+        """
+        for block, routing in routings.items():
+            layer = self.layers[block]
+            b, t, _ = routing.expert_index.shape
+            self.class_counts[block] += class_expert_counts(routing, labels, self.num_classes, layer.num_experts,
+                                                            self.prefix)
+            kept, dropped = expert_load(routing, layer.num_experts)
+            self.kept[block] += kept
+            self.dropped[block] += dropped
+            self.capacity[block] += layer_capacity(layer, b, t)
+        self.num_batches += 1
+        self.num_images += int(labels.shape[0])
+
+    def mean_loads(self) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], dict[int, float]]:
+        """Per-batch averages: ({block: (kept [K, E], dropped [K, E])}, {block: capacity per batch})."""
+        if self.num_batches == 0:
+            raise ValueError("no batch was added")
+        n = self.num_batches
+        loads = {b: (self.kept[b] / n, self.dropped[b] / n) for b in self.layers}
+        return loads, {b: self.capacity[b] / n for b in self.layers}
+
+
+def collect_routing_stats(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int,
+                          max_batches: int | None = None) -> RoutingStats:
+    """Route (images, labels) batches in eval mode at the model's own settings and sum the statistics."""
+    stats = RoutingStats(model, num_classes)
+    was_training = model.training
+    model.eval()  # so layer_capacity reads the eval capacity factor the forwards use
+    try:
+        for step, (images, labels) in enumerate(batches):
+            if max_batches is not None and step >= max_batches:
+                break
+            _, routings = route(model, images)
+            stats.add(routings, labels)
+    finally:
+        model.train(was_training)
+    return stats

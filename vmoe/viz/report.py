@@ -1,0 +1,112 @@
+"""The full set of routing pictures for one model, as named figures (shared by the CLI and the callback)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Sequence
+
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from .collect import RoutingStats, loads_and_capacity, moe_blocks, patch_layout, route
+from .plots import (display_images, plot_class_expert_share, plot_dropped_patches, plot_expert_load,
+                    plot_expert_map)
+from .status import patch_status, top1_expert_map
+from .sweep import MODES
+
+__all__ = ["routing_figures", "save_figure", "figure_name", "class_names"]
+
+
+def figure_name(kind: str, value: float | int) -> str:
+    """File-system and TensorBoard friendly name, e.g. ("dropped_patches_cf", 0.5) -> dropped_patches_cf0.5."""
+    return f"{kind}{value:g}" if isinstance(value, float) else f"{kind}{value}"
+
+
+def class_names(dm: Any) -> list[str] | None:
+    """Human class names of a datamodule (``class_names`` / ``classes`` attributes or its datasets)."""
+    for holder in (dm, getattr(dm, "val_set", None), getattr(dm, "test_set", None)):
+        for attr in ("class_names", "classes"):
+            names = getattr(holder, attr, None)
+            if names is not None and not callable(names):
+                return [str(n) for n in names]
+    if type(dm).__name__.startswith("FashionMNIST"):
+        from torchvision.datasets import FashionMNIST
+        return list(FashionMNIST.classes)  # a class attribute: no download needed
+    return None
+
+
+def _row_labels(labels: Tensor | None, class_names: Sequence[str] | None, n: int) -> list[str]:
+    if labels is None:
+        return [f"image {i}" for i in range(n)]
+    ids = [int(v) for v in labels[:n]]
+    if class_names is None:
+        return [f"class {c}" for c in ids]
+    return [str(class_names[c]) for c in ids]
+
+
+def routing_figures(model: nn.Module, images: Tensor, labels: Tensor | None = None, *,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    capacity_factors: Sequence[float] | None = None,
+                    stats: RoutingStats | None = None, class_names: Sequence[str] | None = None
+                    ) -> dict[str, Figure]:
+    """Every routing picture of ``model`` for a batch of images [N, C, H, W] (normalised as in training).
+
+    - ``dropped_patches_cf<f>`` for each eval capacity factor f (None: the model's current one):
+      the images in rows, per MoE block vanilla routing and BPR side by side;
+    - ``expert_map_block<i>`` per MoE block: each patch coloured by its top-1 expert;
+    - ``expert_load``: assignments per expert and the capacity line at the model's own settings, averaged
+      over the batches of ``stats`` when given (else for this batch);
+    - ``class_expert_block<i>`` per block when ``stats`` (e.g. the validation set's) is given.
+    The batch is routed as one group, so it should be the size the pictures are meant to show.
+    """
+    grid, prefix = patch_layout(model)
+    layers = moe_blocks(model)
+    shown = display_images(images, mean, std)
+    rows = _row_labels(labels, class_names, shown.shape[0])
+    if capacity_factors is None:
+        capacity_factors = [next(iter(layers.values())).eval_capacity_factor]
+    figures: dict[str, Figure] = {}
+    for factor in capacity_factors:
+        status = {}
+        for mode, priority in MODES.items():
+            _, routings = route(model, images, eval_capacity_factor=factor, batch_priority=priority)
+            status[mode] = {b: patch_status(r, grid, prefix) for b, r in routings.items()}
+        figures[figure_name("dropped_patches_cf", float(factor))] = plot_dropped_patches(
+            shown, status, capacity_factor=float(factor), row_labels=rows)
+    _, routings = route(model, images)  # the model's own capacity factor and routing mode
+    for block, routing in routings.items():
+        figures[figure_name("expert_map_block", block)] = plot_expert_map(
+            shown, top1_expert_map(routing, grid, prefix), layers[block].num_experts, block=block,
+            row_labels=rows)
+    first = next(iter(layers.values()))
+    setting = (f"eval capacity factor {first.eval_capacity_factor:g}, "
+               f"{'BPR' if first.batch_priority else 'vanilla routing'}")
+    if stats is not None and stats.num_batches:
+        loads, capacity = stats.mean_loads()
+        title = (f"Tokens per expert per batch (mean over {stats.num_batches} batches, {stats.num_images} images)\n"
+                 f"{setting}")
+    else:
+        loads, capacity = loads_and_capacity(model, routings)
+        title = f"Tokens per expert for these {shown.shape[0]} images as one batch\n{setting}"
+    figures["expert_load"] = plot_expert_load(loads, capacity, title=title)
+    if stats is not None and stats.num_batches:
+        for block, counts in sorted(stats.class_counts.items()):
+            figures[figure_name("class_expert_block", block)] = plot_class_expert_share(
+                counts, class_names, block=block, num_images=stats.num_images)
+    return figures
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> str:
+    """Write ``fig`` as PNG atomically (a reader never sees a half-written file); returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
