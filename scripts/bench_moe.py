@@ -7,19 +7,18 @@ One run prints, for a ViT-S/16-sized layer (D=384, H=1536, 32 images x 197 token
 - ``dense``: timm's Mlp on the K*B*T tokens the experts would process (the compute-equivalent),
 - ``onehot``: the reference V-MoE formulation, one-hot [G, S, E, C] dispatch/combine tensors and einsums,
 
-as ratios to the dense run. Times are medians over interleaved repeats. On CPU they are the process's CPU
+as ratios to the dense run. Times are the best of interleaved repeats (noise on a shared machine only adds). On CPU they are the process's CPU
 time with one intra-op thread (``--threads``): on a shared machine, wall time measures the neighbours and
 idle OpenMP threads spin on the clock. On GPU they are wall times after a synchronize. Peak memory is the
 CUDA allocator's peak on GPU, or the rise of the process's peak RSS in a fresh subprocess on CPU.
 
-    python scripts/bench_moe.py [--experts 8 32 64] [--repeats 5] [--device cpu] [--threads 1]
+    python scripts/bench_moe.py [--experts 8 32 64] [--repeats 7] [--device cpu] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -86,7 +85,7 @@ def step(module: nn.Module, x: torch.Tensor) -> None:
 
 
 def time_all(experts: list[int], repeats: int, device: str) -> dict[tuple[str, int], float]:
-    """Median fwd+bwd seconds per (kind, E); kinds are interleaved within each repeat."""
+    """Best fwd+bwd seconds per (kind, E) over the repeats; kinds are interleaved within each repeat."""
     cases = {("dense", e): build("dense", e, device) for e in experts}
     cases.update({(kind, e): build(kind, e, device) for e in experts for kind in ("moe", "onehot")})
     for module, x in cases.values():  # warm-up
@@ -98,7 +97,7 @@ def time_all(experts: list[int], repeats: int, device: str) -> dict[tuple[str, i
             start = clock()
             step(module, x)
             times[key].append(clock() - start)
-    return {key: statistics.median(v) for key, v in times.items()}
+    return {key: min(v) for key, v in times.items()}
 
 
 def peak_memory(kind: str, num_experts: int, device: str) -> int:
@@ -111,9 +110,13 @@ def peak_memory(kind: str, num_experts: int, device: str) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
 
 
-def _memory_child(kind: str, num_experts: int, device: str) -> None:
-    import resource
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
+
+def _memory_child(kind: str, num_experts: int, device: str) -> None:
     module, x = build(kind, num_experts, device)
     # The first step is measured: it allocates the gradients, as the first step of training does.
     if device.startswith("cuda"):
@@ -122,13 +125,12 @@ def _memory_child(kind: str, num_experts: int, device: str) -> None:
         step(module, x)
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        high_water_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # Reset the kernel's peak-RSS mark (VmHWM) so it measures this step alone.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kb("VmRSS")
         step(module, x)
-        high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if high_water <= high_water_before:
-            raise RuntimeError("the step did not exceed the process's earlier peak RSS; cannot measure it")
+        high_water = _status_kb("VmHWM")
         peak = high_water - base
     print(json.dumps({"peak": peak}))
 
@@ -136,7 +138,7 @@ def _memory_child(kind: str, num_experts: int, device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
@@ -148,15 +150,17 @@ def main() -> None:
     print(f"MoE layer benchmark: D={D} H={H} B={B} T={T} K={K} capacity_factor={CF} device={args.device} "
           f"threads={torch.get_num_threads()} repeats={args.repeats}")
     times = time_all(args.experts, args.repeats, args.device)
-    header = (f"{'E':>3} | {'dense ms':>9} {'moe ms':>9} {'onehot ms':>10} | {'moe/dense':>9} {'onehot/dense':>12} "
-              f"{'onehot/moe':>10} | {'dense MB':>8} {'moe/dense':>9} {'onehot/dense':>12}")
-    print(header)
-    print("-" * len(header))
+    print(f"{'E':>3} | {'dense ms':>9} {'moe ms':>9} {'onehot ms':>10} | {'moe/dense':>9} {'onehot/dense':>12} "
+          f"{'onehot/moe':>10}")
     for e in args.experts:
         td, tm, to = times[("dense", e)], times[("moe", e)], times[("onehot", e)]
-        md, mm, mo = (peak_memory(kind, e, args.device) for kind in ("dense", "moe", "onehot"))
         print(f"{e:>3} | {td * 1e3:>9.1f} {tm * 1e3:>9.1f} {to * 1e3:>10.1f} | {tm / td:>9.2f} {to / td:>12.2f} "
-              f"{to / tm:>10.2f} | {md / 2**20:>8.0f} {mm / md:>9.2f} {mo / md:>12.2f}")
+              f"{to / tm:>10.2f}")
+    print(f"\npeak memory of one fwd+bwd step (MB; the MoE's includes its E experts' weight gradients)")
+    print(f"{'E':>3} | {'dense MB':>8} {'moe MB':>8} {'onehot MB':>9} | {'moe/dense':>9} {'onehot/dense':>12}")
+    for e in args.experts:
+        md, mm, mo = (peak_memory(kind, e, args.device) / 2**20 for kind in ("dense", "moe", "onehot"))
+        print(f"{e:>3} | {md:>8.0f} {mm:>8.0f} {mo:>9.0f} | {mm / md:>9.2f} {mo / md:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,23 @@ def test_dropout_training_uses_autograd_loop():
     assert y.shape == (6, 8)
     experts.eval()
     torch.testing.assert_close(experts(torch.ones(6, 8), [4, 2]), experts._forward_loop(torch.ones(6, 8), [4, 2]))
+
+
+def test_grouped_mm_path_equals_loop_in_bf16():
+    # The GPU fast path (grouped_mm) also runs on CPU in bf16, so its arithmetic is checked here.
+    experts = StackedExperts(4, 16, 32).to(torch.bfloat16)
+    counts = [3, 0, 5, 2]
+    x = torch.randn(10, 16, dtype=torch.bfloat16)
+    results = []
+    for path in (experts._forward_grouped, experts._forward_loop):
+        experts.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = path(xi, counts)
+        y.float().square().sum().backward()
+        results.append((y.detach().float(), xi.grad.float(), [p.grad.float() for p in experts.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    tol = dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(y1, y2, **tol)
+    torch.testing.assert_close(gx1, gx2, **tol)
+    for a, b in zip(gp1, gp2):
+        torch.testing.assert_close(a, b, **tol)

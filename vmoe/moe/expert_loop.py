@@ -3,14 +3,15 @@
 Writing each expert's result straight into preallocated buffers (and each weight gradient straight into its
 slice of the stacked gradient) avoids what plain autograd does around a per-expert loop: concatenating the
 outputs, concatenating the input gradients, and stacking E weight-gradient slices once more in backward.
-Only the pre-activation is saved; the activation is recomputed in backward (cheap, elementwise).
+The activation is elementwise, so it runs once over all blocks; for GELU the backward calls its derivative
+kernel directly, other activations go through autograd.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["expert_mlp_blocks"]
 
@@ -24,30 +25,32 @@ def _bounds(counts: Sequence[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _linear_blocks(x: Tensor, w: Tensor, b: Tensor | None, blocks, out: Tensor) -> Tensor:
+    """out[block of e] = x[block of e] @ w[e]^T + b[e]."""
+    for e, r0, r1 in blocks:
+        if b is not None:
+            torch.addmm(b[e], x[r0:r1], w[e].t(), out=out[r0:r1])
+        else:
+            torch.mm(x[r0:r1], w[e].t(), out=out[r0:r1])
+    return out
+
+
 class _ExpertMLPBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, counts: Sequence[int], act: Callable[[Tensor], Tensor], w1: Tensor,
                 b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
         blocks = _bounds(counts)
-        h_pre = x.new_empty(x.shape[0], w1.shape[1])
-        y = x.new_empty(x.shape[0], w2.shape[1])
-        for e, r0, r1 in blocks:
-            if b1 is not None:
-                torch.addmm(b1[e], x[r0:r1], w1[e].t(), out=h_pre[r0:r1])
-            else:
-                torch.mm(x[r0:r1], w1[e].t(), out=h_pre[r0:r1])
-            a = act(h_pre[r0:r1])
-            if b2 is not None:
-                torch.addmm(b2[e], a, w2[e].t(), out=y[r0:r1])
-            else:
-                torch.mm(a, w2[e].t(), out=y[r0:r1])
-        ctx.save_for_backward(x, h_pre, w1, w2)
+        h_pre = _linear_blocks(x, w1, b1, blocks, x.new_empty(x.shape[0], w1.shape[1]))
+        a = act(h_pre)
+        y = _linear_blocks(a, w2, b2, blocks, x.new_empty(x.shape[0], w2.shape[1]))
+        ctx.save_for_backward(x, h_pre, a, w1, w2)
         ctx.blocks, ctx.act, ctx.has_bias = blocks, act, (b1 is not None, b2 is not None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, h_pre, w1, w2 = ctx.saved_tensors
+        x, h_pre, a, w1, w2 = ctx.saved_tensors
+        blocks, act = ctx.blocks, ctx.act
         need_x, _, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         # Uninitialised: the blocks cover every row of x, and experts without rows are zeroed below.
@@ -56,32 +59,38 @@ class _ExpertMLPBlocks(torch.autograd.Function):
         gw2 = torch.empty_like(w2) if need_w2 else None
         gb1 = w1.new_empty(w1.shape[:2]) if need_b1 and ctx.has_bias[0] else None
         gb2 = w2.new_empty(w2.shape[:2]) if need_b2 and ctx.has_bias[1] else None
-        idle = sorted(set(range(w1.shape[0])) - {e for e, _, _ in ctx.blocks})
+        idle = sorted(set(range(w1.shape[0])) - {e for e, _, _ in blocks})
         for g in (gw1, gb1, gw2, gb2):
             if g is not None and idle:
                 g[idle] = 0
-        for e, r0, r1 in ctx.blocks:
+        ga = torch.empty_like(a)
+        for e, r0, r1 in blocks:
             gy = grad_y[r0:r1]
-            with torch.enable_grad():
-                h = h_pre[r0:r1].detach().requires_grad_()
-                a = ctx.act(h)
             if gw2 is not None:
-                torch.mm(gy.t(), a.detach(), out=gw2[e])
+                torch.mm(gy.t(), a[r0:r1], out=gw2[e])
             if gb2 is not None:
                 torch.sum(gy, 0, out=gb2[e])
-            (gh,) = torch.autograd.grad(a, h, gy @ w2[e])
+            torch.mm(gy, w2[e], out=ga[r0:r1])
+        if isinstance(act, nn.GELU):
+            # In place: ga is not needed afterwards, and a fresh [A, H] buffer costs page faults.
+            gh = torch.ops.aten.gelu_backward.grad_input(ga, h_pre, approximate=act.approximate, grad_input=ga)
+        else:
+            with torch.enable_grad():
+                h = h_pre.detach().requires_grad_()
+                (gh,) = torch.autograd.grad(act(h), h, ga)
+        for e, r0, r1 in blocks:
             if gw1 is not None:
-                torch.mm(gh.t(), x[r0:r1], out=gw1[e])
+                torch.mm(gh[r0:r1].t(), x[r0:r1], out=gw1[e])
             if gb1 is not None:
-                torch.sum(gh, 0, out=gb1[e])
+                torch.sum(gh[r0:r1], 0, out=gb1[e])
             if gx is not None:
-                torch.mm(gh, w1[e], out=gx[r0:r1])
+                torch.mm(gh[r0:r1], w1[e], out=gx[r0:r1])
         return gx, None, None, gw1, gb1, gw2, gb2
 
 
 def expert_mlp_blocks(x: Tensor, counts: Sequence[int], act: Callable[[Tensor], Tensor], w1: Tensor,
                       b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
-    """fc2(act(fc1(x))) with expert e's weights on its block of rows.
+    """fc2(act(fc1(x))) with expert e's weights on its block of rows; ``act`` must be elementwise.
 
     x: [A, D] sorted by expert; counts: E ints (sum A); w1 [E, H, D], b1 [E, H], w2 [E, D_out, H],
     b2 [E, D_out]; all of one dtype (cast before calling under autocast). Returns [A, D_out].

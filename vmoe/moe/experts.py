@@ -15,7 +15,8 @@ __all__ = ["StackedExperts"]
 
 def _use_grouped_mm(x: Tensor) -> bool:
     # grouped_mm only has fast kernels for bf16 on CUDA (SM >= 80); elsewhere the loop is faster.
-    return hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+    return (hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
 class StackedExperts(nn.Module):
