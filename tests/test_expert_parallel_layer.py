@@ -140,3 +140,69 @@ def test_block_permutation_makes_local_experts_contiguous():
 def test_expert_parallel_needs_initialised_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         new_expert_parallel_groups(2)
+
+
+def fake_groups(ep_size: int, ep_rank: int) -> ExpertParallelGroups:
+    """A layout without communication (dp_size 1: no broadcast), enough to slice and reshard."""
+    return ExpertParallelGroups(ep_group=None, ep_rank=ep_rank, ep_size=ep_size, replica_group=None,
+                                num_replicas=1, dp_size=1, global_rank=0)
+
+
+def test_shard_experts_keeps_the_rank_slice_and_reshards_full_state_dicts():
+    full = MoEMlp(D, H, num_experts=4, k=2)
+    layer = copy.deepcopy(full)
+    shard_experts(layer, fake_groups(2, 1))
+    hook = layer.expert_parallel
+    assert (hook.world_size, hook.num_local_experts, list(hook.expert_range)) == (2, 2, [2, 3])
+    assert hook.placement() == [0, 0, 1, 1]
+    assert torch.equal(layer.experts.fc1_weight, full.experts.fc1_weight[2:])
+    assert layer.experts.num_experts == 2 and layer.num_experts == 4  # the router still scores all 4
+    assert torch.equal(layer.router.weight, full.router.weight)
+    resharded = shard_expert_state_dict(layer, full.state_dict())
+    assert torch.equal(resharded["experts.fc2_bias"], full.experts.fc2_bias[2:])
+    layer.load_state_dict(resharded)
+    with pytest.raises(ValueError, match="full expert set"):
+        shard_expert_state_dict(layer, layer.state_dict())  # a shard is not a checkpoint
+    shard_experts(layer, fake_groups(2, 1))  # same layout again: no-op
+    with pytest.raises(ValueError, match="another layout"):
+        shard_experts(layer, fake_groups(4, 1))
+
+
+def test_shard_experts_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="not divisible by the expert-parallel size 3"):
+        shard_experts(MoEMlp(D, H, num_experts=4, k=2), fake_groups(3, 0))
+
+    class NoHook(torch.nn.Module):
+        is_moe_layer = True
+
+    with pytest.raises(ValueError, match="no expert_parallel hook"):
+        shard_experts(torch.nn.Sequential(NoHook()), fake_groups(2, 0))
+
+
+def test_expert_parallel_size_must_divide_world():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"expert_parallel_size=2 .*\(valid: \[1\]\)"):
+            new_expert_parallel_groups(2)
+        groups = new_expert_parallel_groups()
+        assert (groups.ep_size, groups.num_replicas, groups.dp_size) == (1, 1, 1)
+        layer = MoEMlp(D, H, num_experts=4, k=2)
+        plain = copy.deepcopy(layer)
+        shard_experts(layer, groups)  # P = 1: every expert local, no all-to-all
+        x = torch.randn(B, T, D)
+        layer.eval(), plain.eval()
+        torch.testing.assert_close(layer(x), plain(x))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_strategy_arguments_and_registry():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from vmoe.distributed import ExpertParallelDDPStrategy
+
+    assert "ddp_expert_parallel" in StrategyRegistry
+    with pytest.raises(ValueError, match="popen"):
+        ExpertParallelDDPStrategy(start_method="spawn")
+    with pytest.raises(ValueError, match="expert_parallel_size"):
+        ExpertParallelDDPStrategy(expert_parallel_size=0)

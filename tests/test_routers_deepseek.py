@@ -140,6 +140,15 @@ def test_v3_bias_survives_checkpoint_round_trip(tmp_path):
     fresh = MoEMlp(D, H, num_experts=4, k=2, router="deepseek_v3")
     fresh.load_state_dict(torch.load(path))
     torch.testing.assert_close(fresh.router.expert_bias, bias)
+    # The same through a model's safetensors weights file.
+    models = pytest.importorskip("vmoe.models")
+    arch = dict(moe_layers="last-1", num_experts=4, router="deepseek_v3", img_size=8, patch_size=4, embed_dim=D,
+                depth=2, num_heads=2, num_classes=3)
+    model = models.create_vmoe("vit_tiny_patch16_224", **arch)
+    model.blocks[1].mlp.router.expert_bias.copy_(bias)
+    models.save_weights(model, tmp_path / "model.safetensors")
+    loaded = models.load_weights(models.create_vmoe("vit_tiny_patch16_224", **arch), tmp_path / "model.safetensors")
+    torch.testing.assert_close(loaded.blocks[1].mlp.router.expert_bias, bias)
 
 
 def test_v3_group_limited_and_sequence_loss_in_the_layer():

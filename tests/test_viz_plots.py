@@ -12,7 +12,7 @@ from vmoe.viz import (DROPPED, PARTIAL, capacity_sweep, collect_routing_stats, d
                       patch_layout, patch_status, plot_capacity_sweep, plot_class_expert_share,
                       plot_dropped_patches, plot_expert_load, plot_expert_map, route, routing_figures,
                       routing_settings, top1_expert_map)
-from vmoe.viz.plots import DROP_COLOR
+from vmoe.viz.plots import DROP_COLOR, PARTIAL_HATCH
 
 
 def tiny_vmoe(num_experts=4):
@@ -28,7 +28,7 @@ def tiny_vmoe(num_experts=4):
 def marks(ax):
     """(# cells filled as 'lost every choice', # cells outlined as 'lost some') drawn on one panel."""
     dropped = sum(1 for p in ax.patches if p.get_hatch() is None and p.get_facecolor()[:3] == to_rgba(DROP_COLOR)[:3])
-    partial = sum(1 for p in ax.patches if p.get_hatch() == "///")
+    partial = sum(1 for p in ax.patches if p.get_hatch() == PARTIAL_HATCH)
     return dropped, partial
 
 
@@ -139,3 +139,9 @@ def test_routing_figures_names():
     assert sorted(figs) == ["class_expert_block1", "dropped_patches_cf0.5", "dropped_patches_cf1", "expert_load",
                             "expert_map_block1"]
     assert np.array(figs["dropped_patches_cf1"].axes).reshape(2, 3)[1, 0].get_ylabel() == "z"
+
+
+def test_dense_model_is_rejected():
+    dense = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        route(dense, torch.randn(1, 1, 16, 16))

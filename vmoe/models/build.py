@@ -103,8 +103,9 @@ def convert_to_moe(
 
     ``num_experts`` is one count for every MoE block or a list with one count per MoE block (in block
     order), e.g. a pyramid. k, capacity_factor, eval_capacity_factor, noise_std, group_size: None = the
-    router's default (for "vmoe": K=2, 1.05, same as training, 1.0, whole batch). Returns ``model``. Weights of the new blocks are random; see
-    :func:`vmoe.models.upcycle_state_dict` to start them from the dense MLPs.
+    router's default (for "vmoe": K=2, 1.05, same as training, 1.0, whole batch). Returns ``model``.
+    Weights of the new blocks are random; see :func:`vmoe.models.upcycle_state_dict` to start them from
+    the dense MLPs.
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList):

@@ -120,7 +120,8 @@ def upcycle_state_dict(
         elif key in heads:
             out[key] = fresh
             _log.info("upcycling: %s reset (checkpoint %s, model %s)", key, tuple(value.shape), tuple(fresh.shape))
-        elif key == "patch_embed.proj.weight" and value.shape[0] == fresh.shape[0] and value.shape[2:] == fresh.shape[2:]:
+        elif (key == "patch_embed.proj.weight" and value.shape[0] == fresh.shape[0]
+              and value.shape[2:] == fresh.shape[2:]):  # only in_chans differs
             out[key] = adapt_input_conv(fresh.shape[1], value, base_chans=value.shape[1])
         else:
             mismatched.append(f"{key} checkpoint {tuple(value.shape)} vs model {tuple(fresh.shape)}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 from typing import NamedTuple
 
-import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 

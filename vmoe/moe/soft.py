@@ -88,8 +88,6 @@ class SoftMoEMlp(nn.Module):
         self.last_routing: Routing | None = None
 
     # The MoE-block routing settings: soft MoE has none, so only their "off" values are accepted.
-    k = None
-
     @property
     def capacity_factor(self) -> None:
         return None

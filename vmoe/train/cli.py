@@ -19,10 +19,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from ..distributed import strategy as _expert_parallel  # noqa: F401  registers trainer.strategy "ddp_expert_parallel"
+from .callbacks import PredictionWriter
 from .data.base import ImageDataModule
 from .module import ImageClassifier
 
-__all__ = ["main", "VMoECLI", "EXTRA_COMMANDS", "EXTRA_HELP", "default_loggers", "explicit_model_keys"]
+__all__ = ["main", "run", "VMoECLI", "EXTRA_COMMANDS", "EXTRA_HELP", "default_loggers", "explicit_model_keys"]
 
 # name -> "module:function"; each function takes argv (list[str]) and is imported only when its command runs.
 EXTRA_COMMANDS: dict[str, str] = {
@@ -37,6 +39,10 @@ EXTRA_HELP: dict[str, str] = {
 }
 # Model arguments the CLI links from the DataModule; never taken from a checkpoint's hyper-parameters.
 LINKED_FROM_DATA = ("num_classes", "img_size", "in_chans")
+# Routing settings of the current command (config file, flags or defaults), never a checkpoint's.
+COMMAND_ROUTING = ("eval_capacity_factor", "batch_priority")
+# Model arguments that only choose the starting weights, and their "none" values.
+STARTING_WEIGHTS = {"checkpoint_path": None, "pretrained": False, "upcycle_kwargs": None}
 
 
 def load_extra_command(name: str) -> Callable[[list[str]], Any]:
@@ -91,10 +97,13 @@ class VMoECLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` and any :class:`ImageDataModule` subclass.
 
     On top of LightningCLI: a ModelCheckpoint (best by val/acc1 + last) configurable as ``--checkpoint.*``;
+    ``vmoe predict`` writes a CSV (``--predictions.output``, default <log_dir>/predictions.csv);
     num_classes / img_size / in_chans linked from the DataModule; CSV (+ TensorBoard) logging under
     ``trainer.default_root_dir`` unless ``trainer.logger`` is set; hyper-parameters from ``--ckpt_path`` fill
-    in the model arguments except those given explicitly on the command line (Lightning's own behaviour
-    would let the checkpoint override e.g. ``--model.eval_capacity_factor``).
+    in the model arguments except those given explicitly on the command line and the evaluation routing
+    settings (eval_capacity_factor, batch_priority: always the command's own, from its config or flags), where
+    Lightning's own behaviour would let the checkpoint override them; the model is then built
+    without its starting weights (checkpoint_path/pretrained/upcycle_kwargs), which ckpt_path replaces anyway.
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
@@ -109,6 +118,7 @@ class VMoECLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
         for name in LINKED_FROM_DATA:
@@ -135,13 +145,18 @@ class VMoECLI(LightningCLI):
         if explicit is None:
             return
         keep = {k: v for k, v in hparams.items()
-                if not k.startswith("_") and k not in explicit and k not in LINKED_FROM_DATA}
+                if not k.startswith("_") and k not in explicit and k not in LINKED_FROM_DATA + COMMAND_ROUTING}
         if keep:
             try:
                 self.config = self.parser.parse_object({subcommand: {"model": keep}}, self.config)
             except SystemExit:
                 sys.stderr.write(f"could not apply the hyper-parameters stored in {ckpt_path}\n")
                 raise
+        # Every weight comes from ckpt_path, so skip reading the starting weights (a dense checkpoint that may be
+        # gone by now, or a hub download) unless asked for on the command line.
+        for key, off in STARTING_WEIGHTS.items():
+            if key not in explicit:
+                self.config[subcommand]["model"][key] = off
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -150,17 +165,20 @@ class VMoECLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``vmoe`` console script; ``argv`` defaults to sys.argv[1:].
-
-    Returns the finished LightningCLI (tests read ``.trainer`` and ``.model`` from it), or whatever an extra
-    command returns.
-    """
+def run(argv: Sequence[str] | None = None) -> Any:
+    """Run a ``vmoe`` command; returns the finished VMoECLI (``.trainer``, ``.model``, ``.datamodule``) or
+    whatever an extra command returns. ``argv`` defaults to sys.argv[1:]."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in EXTRA_COMMANDS:
         return load_extra_command(args[0])(args[1:])
     return VMoECLI(args=argv)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vmoe`` console script (exit status 0 on success; errors raise or exit)."""
+    result = run(argv)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

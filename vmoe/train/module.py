@@ -20,7 +20,7 @@ __all__ = ["ImageClassifier", "build_network"]
 
 _OWN_KEYS = ("num_classes", "img_size", "in_chans", "pretrained", "checkpoint_path", "moe_layers", "num_experts",
              "k", "capacity_factor", "eval_capacity_factor", "batch_priority", "noise_std", "group_size", "router",
-             "moe_kwargs")
+             "moe_kwargs", "upcycle_kwargs")
 
 
 def build_network(backbone: str, *, num_classes: int, img_size: int, in_chans: int, moe_layers: str | list[int] | None,
@@ -59,9 +59,11 @@ class ImageClassifier(L.LightningModule):
 
     Network: ``backbone`` is a timm model name; ``model_kwargs`` go to timm (embed_dim, depth, num_heads,
     patch_size, drop_path_rate, ...). ``moe_layers`` ("every-2", "last-2", a list of block indices) makes it a
-    V-MoE with the MoE arguments of ``create_vmoe``; ``moe_layers=None`` makes it dense (the MoE arguments are
+    V-MoE with the MoE arguments of ``create_vmoe`` (k, capacity_factor, noise_std: None = the routing
+    scheme's default, for "vmoe" K=2, 1.05, 1/E); ``moe_layers=None`` makes it dense (the MoE arguments are
     then unused, and eval_capacity_factor / batch_priority must stay at their defaults). ``checkpoint_path``:
-    weights to start from (a dense checkpoint is upcycled into the V-MoE).
+    weights to start from: a .ckpt of this module, or .safetensors/.pth of the network; dense weights are
+    upcycled into the V-MoE (``upcycle_kwargs``: expert_noise, router_init_std).
 
     Routing at evaluation: ``eval_capacity_factor`` (None = the training factor) and ``batch_priority`` are
     applied to every MoE layer at the start of validate/test/predict, so changing them on the command line
@@ -92,6 +94,7 @@ class ImageClassifier(L.LightningModule):
         moe_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
         checkpoint_path: str | None = None,
+        upcycle_kwargs: dict[str, Any] | None = None,
         optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.05,
@@ -112,28 +115,28 @@ class ImageClassifier(L.LightningModule):
                              f"label_smoothing={label_smoothing}")
         if lr_decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"lr_decay must be 'cosine', 'linear' or 'constant', got {lr_decay!r}")
-        if moe_layers is None and (eval_capacity_factor is not None or batch_priority):
-            raise ValueError("eval_capacity_factor and batch_priority act on MoE layers, but moe_layers=None builds a "
-                             f"dense model (got eval_capacity_factor={eval_capacity_factor}, "
-                             f"batch_priority={batch_priority})")
+        if moe_layers is None and (eval_capacity_factor is not None or batch_priority or upcycle_kwargs):
+            raise ValueError("eval_capacity_factor, batch_priority and upcycle_kwargs act on MoE layers, but "
+                             f"moe_layers=None builds a dense model (got eval_capacity_factor={eval_capacity_factor}, "
+                             f"batch_priority={batch_priority}, upcycle_kwargs={upcycle_kwargs})")
         if eval_capacity_factor is not None and not eval_capacity_factor > 0:
             raise ValueError(f"eval_capacity_factor must be > 0 or None, got {eval_capacity_factor}")
         moe = {} if moe_layers is None else dict(
             num_experts=num_experts, k=k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
             batch_priority=batch_priority, noise_std=noise_std, group_size=group_size, router=router,
-            moe_kwargs=moe_kwargs)
+            moe_kwargs=moe_kwargs, upcycle_kwargs=upcycle_kwargs)
         self.model = build_network(backbone, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                                    moe_layers=moe_layers, pretrained=pretrained, checkpoint_path=checkpoint_path,
                                    model_kwargs=model_kwargs, **moe)
         self.moe_layer_names = {name: _block_name(name) for name, _ in iter_moe_layers(self.model)}
         if moe_layers is not None and not self.moe_layer_names:
             raise ValueError(f"moe_layers={moe_layers!r} placed no MoE layer in {backbone}")
-        metrics = {}
+        accuracy = {}
         for stage in ("train", "val", "test"):
-            metrics[f"{stage}_acc1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+            accuracy[f"{stage}_acc1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
             if num_classes >= 5:
-                metrics[f"{stage}_acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        self.metrics = nn.ModuleDict(metrics)
+                accuracy[f"{stage}_acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        self.accuracy = nn.ModuleDict(accuracy)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, in_chans, img_size, img_size] -> logits [B, num_classes]."""
@@ -152,19 +155,20 @@ class ImageClassifier(L.LightningModule):
         task = F.cross_entropy(logits, y, label_smoothing=smoothing)
         aux = self.aux_loss()
         loss = task + aux
-        on_step, on_epoch, b = stage == "train", stage != "train", x.shape[0]
-        log = partial(self.log, on_step=on_step, on_epoch=on_epoch, batch_size=b, prog_bar=False)
+        train = stage == "train"
+        # Epoch means of plain tensors are averaged over processes too (torchmetrics objects sync themselves).
+        log = partial(self.log, on_step=train, on_epoch=not train, batch_size=x.shape[0], sync_dist=not train)
         log(f"{stage}/loss", loss, prog_bar=True)
         log(f"{stage}/aux_loss", aux)
         for top in ("acc1", "acc5"):
-            metric = self.metrics[f"{stage}_{top}"] if f"{stage}_{top}" in self.metrics else None
-            if metric is not None:
+            if f"{stage}_{top}" in self.accuracy:  # acc5 only exists with >= 5 classes
+                metric = self.accuracy[f"{stage}_{top}"]
                 metric(logits.detach(), y)
-                log(f"{stage}/{top}", metric, prog_bar=top == "acc1")
+                log(f"{stage}/{top}", metric, prog_bar=top == "acc1", sync_dist=False)
         for name, layer in iter_moe_layers(self.model):
             key = self.moe_layer_names.get(name, _block_name(name))
             for metric_name in ("load_cv", "dropped_fraction"):
-                if metric_name in layer.metrics:
+                if metric_name in layer.metrics:  # a scheme that drops nothing may not report drops
                     log(f"{stage}/moe/{key}/{metric_name}", layer.metrics[metric_name].float())
         return loss
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..moe import compute_capacity, is_moe_layer
+from ..models import capture_routing, moe_layers_by_block
+from ..moe import compute_capacity
 from ..moe.routing import Routing
 from .status import class_expert_counts, expert_load
 
@@ -24,13 +25,11 @@ _UNSET = object()
 
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """{block index: MoE layer} of a timm ViT (the MoE layers sit at ``model.blocks[i].mlp``)."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no .blocks; expected a timm VisionTransformer")
-    found = {i: b.mlp for i, b in enumerate(blocks) if is_moe_layer(getattr(b, "mlp", nn.Identity()))}
+    """{block index: MoE layer} of a timm ViT; ValueError when there is none to picture."""
+    found = moe_layers_by_block(model)
     if not found:
-        raise ValueError("the model has no MoE layers (no blocks[i].mlp with is_moe_layer=True)")
+        raise ValueError(f"{type(model).__name__} has no MoE layers (modules with is_moe_layer=True inside "
+                         "blocks.<i>); the routing pictures need a V-MoE")
     return found
 
 
@@ -68,22 +67,6 @@ def routing_settings(model: nn.Module, *, eval_capacity_factor: float | None = N
             layer.batch_priority = bp
 
 
-def _capture(model: nn.Module):
-    """vmoe.models.capture_routing when it exists, else the layers' ``last_routing`` after the forward."""
-    try:
-        from ..models import capture_routing
-    except ImportError:
-        capture_routing = None
-    if capture_routing is not None:
-        return capture_routing(model)
-
-    @contextlib.contextmanager
-    def fallback():
-        captured: dict[int, Routing] = {}
-        yield captured
-    return fallback()
-
-
 @torch.inference_mode()
 def route(model: nn.Module, images: Tensor, *, eval_capacity_factor: float | None = None,
           batch_priority: bool | None = None) -> tuple[Tensor, dict[int, Routing]]:
@@ -97,16 +80,11 @@ def route(model: nn.Module, images: Tensor, *, eval_capacity_factor: float | Non
     try:
         device = next(model.parameters()).device
         with routing_settings(model, eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority):
-            with _capture(model) as captured:
+            with capture_routing(model) as captured:
                 logits = model(images.to(device))
                 routings = dict(captured)
-            if not routings:
-                routings = {i: layer.last_routing for i, layer in moe_blocks(model).items()}
     finally:
         model.train(was_training)
-    missing = [i for i, r in routings.items() if r is None]
-    if missing:
-        raise RuntimeError(f"MoE layers in blocks {missing} recorded no routing")
     return logits, {i: Routing(*(t.detach().cpu() for t in r)) for i, r in sorted(routings.items())}
 
 

@@ -21,7 +21,7 @@ __all__ = ["OKABE_ITO", "expert_colors", "display_images", "plot_dropped_patches
 
 # Okabe & Ito (2008); grey instead of black so it also reads over a dark image.
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999"]
-DROP_COLOR, PARTIAL_COLOR = "#D55E00", "#F0E442"
+DROP_COLOR, PARTIAL_COLOR, PARTIAL_HATCH = "#D55E00", "#F0E442", "//"
 MODE_NAMES = {"vanilla": "vanilla", "bpr": "BPR"}
 
 
@@ -86,8 +86,8 @@ def plot_dropped_patches(images: np.ndarray, status: Mapping[str, Mapping[int, n
 
     images: [N, H, W, C] in [0, 1] (see :func:`display_images`);
     status: {mode ("vanilla"/"bpr"): {block index: int8 [N, gh, gw] from ``patch_status``}}.
-    Patches that lost every choice are filled vermillion with a cross; patches that lost only some of
-    their choices get a yellow hatched outline. Each panel's label counts both.
+    Patches that lost every choice are filled vermillion with a cross; patches that lost some of their
+    choices but kept at least one get a yellow hatched outline. Each panel's label counts both.
     """
     images = np.asarray(images)
     n = images.shape[0]
@@ -116,14 +116,14 @@ def plot_dropped_patches(images: np.ndarray, status: Mapping[str, Mapping[int, n
                 ax.plot([c * pw, (c + 1) * pw], [(r + 1) * ph, r * ph], color="black", lw=0.8)
             for r, c in zip(*np.nonzero(grid[i] == PARTIAL)):
                 ax.add_patch(Rectangle((c * pw + 0.5, r * ph + 0.5), pw - 1, ph - 1, facecolor="none",
-                                       edgecolor=PARTIAL_COLOR, hatch="///", lw=1.2))
+                                       edgecolor=PARTIAL_COLOR, hatch=PARTIAL_HATCH, lw=1.0))
             counts = status_counts(grid[i])
             ax.set_xlabel(f"{counts[DROPPED]} lost all, {counts[PARTIAL]} lost some", fontsize=8)
             if i == 0:
                 ax.set_title(f"block {block}\n{MODE_NAMES.get(mode, mode)}", fontsize=9)
     axes[0, 0].set_title("input", fontsize=9)
     handles = [Patch(facecolor=DROP_COLOR, alpha=0.7, label="lost every choice (residual only)"),
-               Patch(facecolor="none", edgecolor=PARTIAL_COLOR, hatch="///", label="lost some choices")]
+               Patch(facecolor="none", edgecolor=PARTIAL_COLOR, hatch=PARTIAL_HATCH, label="lost some choices")]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     cf = "" if capacity_factor is None else f" at eval capacity factor {capacity_factor:g}"
     fig.suptitle(f"Dropped patches{cf}: vanilla routing vs Batch Priority Routing (BPR)", fontsize=11)

@@ -58,11 +58,13 @@ def _complete(folder: Path) -> dict[str, Path] | None:
     return found
 
 
-def find_fashion_mnist(data_dir: str | os.PathLike, extra_dirs: tuple[Path, ...] = (DEBIAN_FASHION_MNIST_DIR,)
+def find_fashion_mnist(data_dir: str | os.PathLike, extra_dirs: tuple[Path, ...] | None = None
                        ) -> dict[str, Path] | None:
     """Look in data_dir/FashionMNIST/raw (torchvision's layout), data_dir/fashion-mnist, data_dir, then
-    ``extra_dirs`` (Debian's copy)."""
+    ``extra_dirs`` (default: Debian's copy in DEBIAN_FASHION_MNIST_DIR)."""
     root = Path(data_dir)
+    if extra_dirs is None:
+        extra_dirs = (DEBIAN_FASHION_MNIST_DIR,)
     for folder in (root / "FashionMNIST" / "raw", root / "fashion-mnist", root, *extra_dirs):
         files = _complete(folder)
         if files is not None:
