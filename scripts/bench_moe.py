@@ -12,7 +12,13 @@ time with one intra-op thread (``--threads``): on a shared machine, wall time me
 idle OpenMP threads spin on the clock. On GPU they are wall times after a synchronize. Peak memory is the
 CUDA allocator's peak on GPU, or the rise of the process's peak RSS in a fresh subprocess on CPU.
 
+``--allocator caching`` reruns the timing with glibc told to keep freed memory instead of returning it to
+the kernel (what jemalloc/tcmalloc, recommended for CPU training by PyTorch's tuning guide, do, and what
+the CUDA caching allocator does on GPU): on CPU with the default allocator every step page-faults its
+fresh buffers in again, and the E experts' weight gradients make that cost grow with E.
+
     python scripts/bench_moe.py [--experts 8 32 64] [--repeats 7] [--device cpu] [--threads 1]
+                                [--allocator glibc|caching]
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ from torch import nn
 from vmoe.moe import MoEMlp, Routing
 
 D, H, B, T, K, CF = 384, 1536, 32, 197, 2, 1.05
+CACHING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+                      "MALLOC_TOP_PAD_": "1073741824"}
 
 
 class OneHotMoE(nn.Module):
@@ -141,14 +149,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
+    parser.add_argument("--allocator", choices=["glibc", "caching"], default="glibc",
+                        help="CPU only: caching keeps freed memory mapped (see above)")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.allocator == "caching" and os.environ.get("MALLOC_TOP_PAD_") is None:
+        # glibc reads these at start-up only, so the script runs itself again with them set.
+        env = {**os.environ, **CACHING_MALLOC_ENV}
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     torch.set_num_threads(args.threads)
     if args._memory:
         _memory_child(args._memory[0], int(args._memory[1]), args.device)
         return
     print(f"MoE layer benchmark: D={D} H={H} B={B} T={T} K={K} capacity_factor={CF} device={args.device} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats}")
+          f"threads={torch.get_num_threads()} repeats={args.repeats} allocator={args.allocator}")
     times = time_all(args.experts, args.repeats, args.device)
     print(f"{'E':>3} | {'dense ms':>9} {'moe ms':>9} {'onehot ms':>10} | {'moe/dense':>9} {'onehot/dense':>12} "
           f"{'onehot/moe':>10}")
@@ -156,6 +170,8 @@ def main() -> None:
         td, tm, to = times[("dense", e)], times[("moe", e)], times[("onehot", e)]
         print(f"{e:>3} | {td * 1e3:>9.1f} {tm * 1e3:>9.1f} {to * 1e3:>10.1f} | {tm / td:>9.2f} {to / td:>12.2f} "
               f"{to / tm:>10.2f}")
+    if args.allocator == "caching":
+        return  # peak memory is measured with the default allocator (freed memory must leave the RSS)
     print(f"\npeak memory of one fwd+bwd step (MB; the MoE's includes its E experts' weight gradients)")
     print(f"{'E':>3} | {'dense MB':>8} {'moe MB':>8} {'onehot MB':>9} | {'moe/dense':>9} {'onehot/dense':>12}")
     for e in args.experts:

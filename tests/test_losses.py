@@ -54,3 +54,10 @@ def test_z_loss_hand_computed():
     logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     ln2 = math.log(2)
     assert z_loss(logits).item() == pytest.approx((ln2**2 + (1 + ln2) ** 2) / 2, rel=1e-6)
+
+
+def test_load_loss_with_given_threshold_matches():
+    logits = torch.randn(3, 10, 6)
+    noisy = logits + 0.2 * torch.randn_like(logits)
+    kth = torch.topk(noisy, 2, dim=-1).values[..., -1:]
+    torch.testing.assert_close(load_loss(logits, noisy, 0.2, 2, threshold=kth), load_loss(logits, noisy, 0.2, 2))

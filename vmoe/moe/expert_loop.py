@@ -3,8 +3,8 @@
 Writing each expert's result straight into preallocated buffers (and each weight gradient straight into its
 slice of the stacked gradient) avoids what plain autograd does around a per-expert loop: concatenating the
 outputs, concatenating the input gradients, and stacking E weight-gradient slices once more in backward.
-The activation is elementwise, so it runs once over all blocks; for GELU the backward calls its derivative
-kernel directly, other activations go through autograd.
+The activation is elementwise, so the forward runs it once over all blocks; backward goes block by block
+(small temporaries) and calls GELU's derivative kernel directly, other activations through autograd.
 """
 from __future__ import annotations
 
@@ -63,28 +63,28 @@ class _ExpertMLPBlocks(torch.autograd.Function):
         for g in (gw1, gb1, gw2, gb2):
             if g is not None and idle:
                 g[idle] = 0
-        ga = torch.empty_like(a)
+        # Block by block, so the temporaries of backward stay [n_e, H] instead of [A, H].
         for e, r0, r1 in blocks:
             gy = grad_y[r0:r1]
             if gw2 is not None:
                 torch.mm(gy.t(), a[r0:r1], out=gw2[e])
             if gb2 is not None:
                 torch.sum(gy, 0, out=gb2[e])
-            torch.mm(gy, w2[e], out=ga[r0:r1])
-        if isinstance(act, nn.GELU):
-            # In place: ga is not needed afterwards, and a fresh [A, H] buffer costs page faults.
-            gh = torch.ops.aten.gelu_backward.grad_input(ga, h_pre, approximate=act.approximate, grad_input=ga)
-        else:
-            with torch.enable_grad():
-                h = h_pre.detach().requires_grad_()
-                (gh,) = torch.autograd.grad(act(h), h, ga)
-        for e, r0, r1 in blocks:
+            ga = gy @ w2[e]
+            if isinstance(act, nn.GELU):
+                # In place: ga is not needed afterwards.
+                gh = torch.ops.aten.gelu_backward.grad_input(ga, h_pre[r0:r1], approximate=act.approximate,
+                                                             grad_input=ga)
+            else:
+                with torch.enable_grad():
+                    h = h_pre[r0:r1].detach().requires_grad_()
+                    (gh,) = torch.autograd.grad(act(h), h, ga)
             if gw1 is not None:
-                torch.mm(gh[r0:r1].t(), x[r0:r1], out=gw1[e])
+                torch.mm(gh.t(), x[r0:r1], out=gw1[e])
             if gb1 is not None:
-                torch.sum(gh[r0:r1], 0, out=gb1[e])
+                torch.sum(gh, 0, out=gb1[e])
             if gx is not None:
-                torch.mm(gh[r0:r1], w1[e], out=gx[r0:r1])
+                torch.mm(gh, w1[e], out=gx[r0:r1])
         return gx, None, None, gw1, gb1, gw2, gb2
 
 

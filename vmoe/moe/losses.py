@@ -26,16 +26,19 @@ def importance_loss(gates: Tensor) -> Tensor:
     return cv_squared(gates.float().sum(-2)).mean()
 
 
-def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int) -> Tensor:
+def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int, *,
+              threshold: Tensor | None = None) -> Tensor:
     """Shazeer 2017 / V-MoE load loss: CV^2 of each expert's expected load under the noise.
 
     logits, noisy_logits: [..., S, E]; noise_std: the sigma of the noise that was added; k: choices.
     P(token picks e) = 1 - Phi((thr - logit_e) / sigma), thr = the token's k-th largest noisy logit.
+    threshold: that k-th largest noisy logit [..., S, 1] when the caller has it already (saves a top-k).
     """
     if noise_std <= 0:
         raise ValueError(f"load_loss needs noise: noise_std must be > 0, got {noise_std}")
     logits, noisy_logits = logits.float(), noisy_logits.float()
-    threshold = torch.topk(noisy_logits, k, dim=-1).values[..., -1:]  # [..., S, 1]
+    if threshold is None:
+        threshold = torch.topk(noisy_logits, k, dim=-1).values[..., -1:]  # [..., S, 1]
     z = (threshold - logits) / noise_std
     prob = 1.0 - 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
     return cv_squared(prob.mean(-2)).mean()

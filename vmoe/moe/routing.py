@@ -50,10 +50,15 @@ def assign_slots(expert_index: Tensor, num_experts: int, capacity: int, priority
     else:
         order = torch.sort(priority, dim=-1, descending=True, stable=True).indices  # [G, S]
         ordered = torch.gather(expert_index, 1, order.unsqueeze(-1).expand(g, s, k))
-    # Choice-major sequence [G, K*S]; position of each assignment among those asking for the same expert.
+    # Choice-major sequence [G, K*S]; position of each assignment among those asking for the same expert:
+    # its rank in a stable sort by expert minus the start of that expert's run (no [G, K*S, E] one-hot).
     seq = ordered.transpose(1, 2).reshape(g, k * s)
-    one_hot = torch.nn.functional.one_hot(seq, num_experts)  # [G, K*S, E]
-    position = (one_hot.cumsum(dim=1) * one_hot).sum(-1) - 1  # [G, K*S]
+    by_expert = torch.sort(seq, dim=-1, stable=True)
+    counts = torch.zeros(g, num_experts, dtype=torch.long, device=seq.device)
+    counts.scatter_add_(1, seq, torch.ones_like(seq))
+    starts = counts.cumsum(-1) - counts  # [G, E]
+    rank = torch.arange(k * s, device=seq.device).expand(g, -1) - torch.gather(starts, 1, by_expert.values)
+    position = torch.empty_like(seq).scatter_(1, by_expert.indices, rank)
     slot = torch.where(position < capacity, position, torch.full_like(position, -1))
     slot = slot.reshape(g, k, s).transpose(1, 2)  # [G, S, K] in service order
     if order is None:

@@ -45,5 +45,7 @@ class NoisyTopKRouter(Router):
             routing = routing._replace(combine_weights=routing.combine_weights / top.sum(-1, keepdim=True))
         aux = self.importance_weight * importance_loss(logits.softmax(-1))
         if noisy:
-            aux = aux + self.load_weight * load_loss(logits, noisy_logits, sigma, self.k)
+            # softmax is monotonic: the routing's last choice is the k-th largest noisy logit.
+            threshold = torch.gather(noisy_logits, -1, routing.expert_index[..., -1:])
+            aux = aux + self.load_weight * load_loss(logits, noisy_logits, sigma, self.k, threshold=threshold)
         return RouterOutput(routing, aux)
