@@ -82,6 +82,10 @@ class ExpertParallel:
     groups: ExpertParallelGroups
     num_experts: int
 
+    def __deepcopy__(self, memo: dict) -> "ExpertParallel":
+        # Process groups cannot be copied; a deep-copied layer (EMA, SWA) shares the layout, which is stateless.
+        return self
+
     @property
     def world_size(self) -> int:
         """P: ranks the experts are spread over (the device count of the device-level balance loss)."""
