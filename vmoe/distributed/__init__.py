@@ -1,4 +1,4 @@
-"""Scale-out: expert parallelism over torch.distributed all-to-all, under Lightning's DDP strategy.
+"""Scale-out: expert parallelism over torch.distributed all-to-all, under Lightning DDP or FSDP2 (dense part).
 
 Rank r of an expert-parallel group of P ranks holds experts ``[r*E/P, (r+1)*E/P)`` of every MoE layer;
 routing (groups, capacity, BPR, auxiliary losses) stays local to each rank, exactly as on one device.
@@ -13,7 +13,7 @@ __all__ = [
     "ExpertParallel", "all_to_all", "clip_grad_norm_", "sync_expert_grads", "ExpertParallelGroups",
     "new_expert_parallel_groups", "expert_parameter_names", "expert_parameters", "gather_expert_state_dict",
     "gather_optimizer_state", "shard_expert_state_dict", "shard_experts", "shard_optimizer_state",
-    "sharded_layers", "unshard_experts", "ExpertParallelDDPStrategy",
+    "sharded_layers", "unshard_experts", "ExpertParallelDDPStrategy", "ExpertParallelFSDPStrategy",
 ]
 
 
@@ -23,4 +23,7 @@ def __getattr__(name: str):
     if name == "ExpertParallelDDPStrategy":
         from .strategy import ExpertParallelDDPStrategy
         return ExpertParallelDDPStrategy
+    if name == "ExpertParallelFSDPStrategy":
+        from .fsdp import ExpertParallelFSDPStrategy
+        return ExpertParallelFSDPStrategy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

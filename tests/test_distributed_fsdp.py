@@ -1,0 +1,161 @@
+"""ExpertParallelFSDPStrategy end to end: 2 CPU ranks (gloo), dense part sharded by FSDP2, experts by us.
+
+Run as a script (``python tests/test_distributed_fsdp.py OUT_DIR``), this file, on 2 ranks:
+
+1. runs ``main`` of tests/test_expert_parallel_lightning.py with the FSDP strategy in place of the DDP one
+   (TinyMoENet: fit 2 steps with norm clipping, checkpoint, each rank's eval logits, resume for a 3rd step
+   into other initial weights); ``fully_shard`` goes on every Linear and MoEMlp (nested units, the MoE
+   layer's experts ignored) and on the LightningModule;
+2. fits a tiny V-MoE ImageClassifier (timm ViT, width 32, depth 2, 8 px digits, MoE in block 1, SGD) for 2
+   steps plus validation, with ExpertParallelDDPStrategy and with ExpertParallelFSDPStrategy (default
+   units: the ViT's ``blocks``) from the same seed, and writes both checkpoints and the FSDP logits.
+
+The tests check in one process: TinyMoENet weights and momenta equal the single-process reference
+(the mean of both ranks' losses, clipping over the whole model) after 2 steps and after the resume; the
+checkpoints hold full plain tensors and load with a plain ``load_state_dict``, giving each rank's logits;
+the ViT trained with FSDP equals the one trained with DDP (weights, momenta, validation loss).
+"""
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import test_expert_parallel_lightning as ddp_test
+from test_expert_parallel_lightning import CLIP, E, TinyMoENet, assert_matches, rank_batch, reference
+
+VIT = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=8, in_chans=1, moe_layers=[1], num_experts=4,
+           k=2, noise_std=0.0, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, lr_decay="constant",
+           model_kwargs=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0))
+VIT_BATCH = 8
+
+
+def fsdp_trainer(max_steps: int, **strategy_kwargs) -> L.Trainer:
+    from vmoe.distributed import ExpertParallelFSDPStrategy
+    return L.Trainer(strategy=ExpertParallelFSDPStrategy(**strategy_kwargs), accelerator="cpu", devices=2,
+                     max_steps=max_steps, gradient_clip_val=CLIP, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+
+def vit_data():
+    """32 training and 32 validation digits (8 px, the module's fixed split and normalisation)."""
+    from vmoe.train.data import DigitsDataModule
+    dm = DigitsDataModule(img_size=8, augment="none")
+    dm.setup("fit")
+    x, y = next(iter(DataLoader(dm.train_set, batch_size=64)))
+    return TensorDataset(x[:32], y[:32]), TensorDataset(x[32:], y[32:])
+
+
+def fit_vit(strategy, out: Path, name: str) -> None:
+    from vmoe.train.module import ImageClassifier
+    L.seed_everything(0)
+    model = ImageClassifier(**VIT)
+    train, val = vit_data()
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=2,
+                        gradient_clip_val=1e-2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, DataLoader(train, batch_size=VIT_BATCH), DataLoader(val, batch_size=VIT_BATCH))
+    if name == "fsdp":  # per-block FSDP units; dense weights are DTensor shards, experts plain local tensors
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        from vmoe.moe.build import iter_moe_layers
+        assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.model.blocks)
+        (_, layer), = iter_moe_layers(model)
+        experts = set(layer.experts.parameters())
+        assert experts and all(type(p) is torch.nn.Parameter and p.shape[0] == 2 for p in experts)
+        opt_params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+        assert all(isinstance(p, DTensor) != (p in experts) for p in opt_params)
+    trainer.save_checkpoint(out / f"vit_{name}.ckpt")
+    if name == "fsdp":  # loading a full checkpoint into the sharded model: dense parts re-sharded, experts sliced
+        trainer.strategy.barrier()
+        full = torch.load(out / f"vit_{name}.ckpt", weights_only=False)["state_dict"]
+        with torch.no_grad():
+            for p in model.parameters():
+                (p.to_local() if isinstance(p, DTensor) else p).zero_()
+        trainer.strategy.load_model_state_dict({"state_dict": full})
+        again = trainer.strategy.lightning_module_state_dict()
+        assert again.keys() == full.keys() and all(torch.equal(again[k], full[k]) for k in full)
+    model.eval()
+    with torch.no_grad():
+        logits = model(val.tensors[0][8 * trainer.global_rank:8 * trainer.global_rank + 8])
+    torch.save({"logits": logits, "val_loss": trainer.callback_metrics["val/loss"]},
+               out / f"vit_{name}_rank{trainer.global_rank}.pt")
+
+
+def main(out: Path) -> None:
+    from vmoe.distributed import ExpertParallelDDPStrategy, ExpertParallelFSDPStrategy
+    ddp_test.trainer = lambda max_steps: fsdp_trainer(max_steps, shard_modules=("Linear", "MoEMlp"))
+    ddp_test.main(out)  # TinyMoENet: fit 2 steps, ep2.ckpt, logits, resume into step 3, ep3.ckpt
+    fit_vit(ExpertParallelDDPStrategy(), out, "ddp")
+    fit_vit(ExpertParallelFSDPStrategy(), out, "fsdp")
+
+
+@lru_cache(maxsize=1)
+def _run_script(out: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, __file__, out], capture_output=True, text=True, timeout=600)
+
+
+def script_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.getbasetemp() / "distributed_fsdp"
+    out.mkdir(exist_ok=True)
+    run = _run_script(str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return out
+
+
+def test_distributed_fsdp_two_ranks_match_one_process_and_resume(tmp_path_factory):
+    out = script_dir(tmp_path_factory)
+    snapshots = reference(3)
+    ckpt = torch.load(out / "ep2.ckpt", weights_only=False)
+    assert all(type(v) is torch.Tensor for v in ckpt["state_dict"].values())  # plain tensors, no DTensor
+    assert ckpt["state_dict"]["moe.experts.fc1_weight"].shape[0] == E  # the full expert set
+    assert_matches(ckpt, snapshots[2])  # weights and momenta, clipping active over the whole model
+    assert_matches(torch.load(out / "ep3.ckpt", weights_only=False), snapshots[3])  # 2 -> 2 resume
+
+
+def test_distributed_fsdp_checkpoint_loads_in_one_process(tmp_path_factory):
+    out = script_dir(tmp_path_factory)
+    ckpt = torch.load(out / "ep2.ckpt", weights_only=False)
+    single = TinyMoENet()
+    single.load_state_dict(ckpt["state_dict"])  # strict
+    single.configure_optimizers().load_state_dict(ckpt["optimizer_states"][0])  # full-size moments fit
+    single.eval()
+    with torch.no_grad():
+        for rank in (0, 1):
+            torch.testing.assert_close(single(rank_batch(rank, 0)[0]),
+                                       torch.load(out / f"logits_rank{rank}.pt"), atol=1e-5, rtol=1e-5)
+
+
+def test_distributed_fsdp_vit_blocks_match_expert_parallel_ddp(tmp_path_factory):
+    from vmoe.train.module import ImageClassifier
+    out = script_dir(tmp_path_factory)
+    ddp = torch.load(out / "vit_ddp.ckpt", weights_only=False)
+    fsdp = torch.load(out / "vit_fsdp.ckpt", weights_only=False)
+    assert fsdp["state_dict"].keys() == ddp["state_dict"].keys()
+    for key, value in ddp["state_dict"].items():
+        assert type(fsdp["state_dict"][key]) is torch.Tensor, key
+        torch.testing.assert_close(fsdp["state_dict"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    ddp_state, fsdp_state = (c["optimizer_states"][0]["state"] for c in (ddp, fsdp))
+    assert fsdp_state.keys() == ddp_state.keys() and ddp_state
+    for i, entry in ddp_state.items():
+        torch.testing.assert_close(fsdp_state[i]["momentum_buffer"], entry["momentum_buffer"], atol=1e-5, rtol=1e-4)
+    # One process, plain model: the FSDP checkpoint gives each rank's logits.
+    single = ImageClassifier(**VIT)
+    single.load_state_dict(fsdp["state_dict"])
+    single.eval()
+    _, val = vit_data()
+    for rank in (0, 1):
+        saved = torch.load(out / f"vit_fsdp_rank{rank}.pt")
+        with torch.no_grad():
+            torch.testing.assert_close(single(val.tensors[0][8 * rank:8 * rank + 8]), saved["logits"],
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(saved["val_loss"], torch.load(out / f"vit_ddp_rank{rank}.pt")["val_loss"],
+                                   atol=1e-5, rtol=1e-5)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

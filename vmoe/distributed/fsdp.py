@@ -1,0 +1,247 @@
+"""Expert parallelism with the dense part sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``), no DDP.
+
+Select it like the DDP variant: ``trainer.strategy: fsdp_expert_parallel`` (CLI, once vmoe.distributed.fsdp
+is imported) or ``{class_path: vmoe.distributed.ExpertParallelFSDPStrategy, init_args: {...}}``.
+
+- setup: the experts of every MoE layer are sharded over the expert-parallel ranks (``shard_experts``, rank
+  0's weights), the dense weights are broadcast from rank 0, then ``fully_shard`` is applied to every
+  transformer block (default: each module of an ``nn.Sequential``/``nn.ModuleList`` named ``blocks``, as in
+  timm's ViT) and to the LightningModule, with the expert parameters as ``ignored_params``: they stay
+  plain local tensors, reached by all-to-all. The optimizer is built afterwards, on the DTensor shards.
+- gradients: FSDP2 reduce-scatters the dense gradients (mean over the W ranks); ``sync_expert_grads`` turns
+  the expert gradients into the same mean. Norm clipping uses the norm of the whole model, the same on
+  every rank (``clip_grad_norm_fsdp_``).
+- checkpoints hold plain full tensors: dense parameters and optimizer moments are all-gathered
+  (``DTensor.full_tensor``), experts gathered from their group, in the layout of ``model.state_dict()`` /
+  ``optimizer.state_dict()`` of one process. They load with plain ``load_state_dict`` in one process, and
+  into this strategy with any world size (dense parts are re-sharded, experts re-sliced).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.optim import Optimizer
+
+from .shard import (expert_parameters, gather_expert_state_dict, gather_optimizer_state, shard_expert_state_dict,
+                    shard_optimizer_state)
+from .strategy import ExpertParallelDDPStrategy
+
+__all__ = ["ExpertParallelFSDPStrategy", "clip_grad_norm_fsdp_", "find_shard_modules"]
+
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+
+
+def find_shard_modules(model: nn.Module, select: str | Sequence[str] | Callable[[nn.Module], bool] | None = None
+                       ) -> list[nn.Module]:
+    """The submodules of ``model`` that get their own ``fully_shard``, children before parents.
+
+    select: None: every module held by an ``nn.Sequential`` / ``nn.ModuleList`` named ``blocks`` (timm ViT
+    blocks); a class name or list of class names (e.g. ``"Block"``); or a predicate on modules.
+    """
+    if select is None:
+        chosen = {id(m) for name, seq in model.named_modules() if name.rsplit(".", 1)[-1] == "blocks"
+                  and isinstance(seq, (nn.Sequential, nn.ModuleList)) for m in seq}
+        pick = lambda m: id(m) in chosen  # noqa: E731
+    elif callable(select):
+        pick = select
+    else:
+        names = {select} if isinstance(select, str) else set(select)
+        pick = lambda m: type(m).__name__ in names  # noqa: E731
+    # named_modules is pre-order: reversed, a child always comes before its parent (fully_shard bottom-up).
+    return [m for name, m in reversed(list(model.named_modules())) if name and pick(m)]
+
+
+def _is_sharded_dtensor(t: Tensor) -> bool:
+    return isinstance(t, DTensor) and all(isinstance(p, Shard) for p in t.placements)
+
+
+@torch.no_grad()
+def clip_grad_norm_fsdp_(parameters: Iterable[Tensor], max_norm: float, model: nn.Module,
+                         norm_type: float = 2.0) -> Tensor:
+    """Norm clipping over the whole model when dense grads are FSDP2 shards and experts are sharded.
+
+    Squared norms: local shards of DTensor grads summed over their mesh, expert grads summed over their
+    expert-parallel group, anything else (replicated) counted once. Every rank gets the same total norm
+    and clip coefficient. Returns the total norm (a plain tensor).
+    """
+    if norm_type != 2.0:
+        raise ValueError(f"expert-parallel gradient clipping supports norm_type=2.0, got {norm_type}")
+    hooks = {id(p): hook for p, hook in expert_parameters(model)}
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+    device = grads[0].device
+    total_sq = torch.zeros((), device=device)
+    # {id(process group): [accumulated squares, group]}; one all-reduce per group, in first-seen order,
+    # which is the same on every rank (same parameter order).
+    per_group: dict[int, list] = {}
+    for p, g in zip(params, grads):
+        sq = g.detach().float().pow(2).sum().to(device)
+        if _is_sharded_dtensor(p.grad):
+            group = p.grad.device_mesh.get_group()
+        elif isinstance(p.grad, DTensor):  # replicated or partial placements: count the full gradient once
+            total_sq = total_sq + p.grad.full_tensor().float().pow(2).sum().to(device)
+            continue
+        elif id(p) in hooks:
+            group = hooks[id(p)].group if hooks[id(p)].world_size > 1 else None
+            if group is None:
+                total_sq = total_sq + sq
+                continue
+        else:
+            total_sq = total_sq + sq
+            continue
+        entry = per_group.setdefault(id(group), [torch.zeros((), device=device), group])
+        entry[0] = entry[0] + sq
+    for acc, group in per_group.values():
+        dist.all_reduce(acc, group=group)
+        total_sq = total_sq + acc
+    total = total_sq.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.device, g.dtype))
+    return total
+
+
+def _full(t: Any) -> Any:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full: Any, ref: Tensor) -> Any:
+    """``full`` (a plain tensor shaped like the DTensor ``ref``) as this rank's shard of ``ref``'s layout."""
+    if not isinstance(ref, DTensor) or not torch.is_tensor(full) or isinstance(full, DTensor) \
+            or full.shape != ref.shape:
+        return full
+    # Every rank holds the same full tensor (one checkpoint): slice locally, no communication.
+    return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+class ExpertParallelFSDPStrategy(ExpertParallelDDPStrategy):
+    """FSDP2 for the dense parameters over all W ranks; the experts sharded over groups of
+    ``expert_parallel_size`` ranks (None: all ranks) and reached with all-to-all.
+
+    shard_modules: which submodules get their own ``fully_shard`` (see ``find_shard_modules``; default the
+    ``blocks`` of a timm ViT); the LightningModule itself is always the root FSDP module.
+    reshard_after_forward: FSDP2's option for the submodules (None: FSDP2's default).
+
+    The LightningModule's ``training_step`` / ``validation_step`` / ``test_step`` / ``predict_step`` are
+    registered as FSDP forward methods, so the root's parameters are gathered whatever the step calls.
+    Only ``precision="32-true"`` (no FSDP2 mixed-precision policy is set up). Other keyword arguments go to
+    Lightning's DDPStrategy (process_group_backend, timeout, ...); DDP-only options have no effect.
+    """
+
+    strategy_name = "fsdp_expert_parallel"
+
+    def __init__(self, expert_parallel_size: int | None = None, *,
+                 shard_modules: str | Sequence[str] | Callable[[nn.Module], bool] | None = None,
+                 reshard_after_forward: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(expert_parallel_size, **kwargs)
+        self.shard_modules = shard_modules
+        self.reshard_after_forward = reshard_after_forward
+
+    # --- setup: the same order as DDPStrategy.setup, with fully_shard in place of the DDP wrapper ----------
+    def setup(self, trainer: Any) -> None:
+        assert self.accelerator is not None and self.model is not None
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if str(precision) not in ("32-true", "32"):
+            raise ValueError(f"{type(self).__name__} supports precision='32-true' only, got {precision!r}")
+        self.accelerator.setup(trainer)
+        # FSDP2 cannot all-gather under torch.inference_mode ("Inference tensors do not track version
+        # counter"): evaluate under no_grad, as Lightning does for its own FSDPStrategy. (Fit's validation
+        # loop and every loop on gloo already do.)
+        for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop):
+            loop.inference_mode = False
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()  # moves, then shards the experts (rank 0's weights) and installs the clipping
+        self._fully_shard()
+        if fitting:
+            self._reset_optimizers_and_schedulers()  # a second fit/validate must not keep stale params
+            self.setup_optimizers(trainer)  # after fully_shard: the optimizer holds the DTensor shards
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _fully_shard(self) -> None:
+        module = self.lightning_module
+        if isinstance(module, FSDPModule):
+            return  # already sharded by an earlier fit/validate of this strategy
+        # Rank 0's dense weights and buffers everywhere (DDP's initial broadcast); experts are ignored here
+        # (already taken from rank 0 by shard_experts).
+        _sync_module_states(module)
+        ignored = {p for p, _ in expert_parameters(module)}
+        mesh = init_device_mesh(self.root_device.type, (self.world_size,))
+        for sub in find_shard_modules(module, self.shard_modules):
+            fully_shard(sub, mesh=mesh, reshard_after_forward=self.reshard_after_forward, ignored_params=ignored)
+        fully_shard(module, mesh=mesh, ignored_params=ignored)
+        for name in STEP_METHODS:
+            if is_overridden(name, module):
+                register_fsdp_forward_method(module, name)
+
+    def configure_ddp(self) -> None:  # never wraps: FSDP2 reduces the gradients
+        pass
+
+    def _use_expert_parallel_clipping(self) -> None:
+        plugin = self.precision_plugin
+        if getattr(plugin, "_vmoe_fsdp_clipping", False):
+            return
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
+            clip_grad_norm_fsdp_(plugin.main_params(optimizer), clip_val, self.lightning_module)
+
+        plugin.clip_grad_by_norm = clip_grad_by_norm
+        plugin._vmoe_expert_parallel_clipping = plugin._vmoe_fsdp_clipping = True
+
+    # --- checkpoints: full plain tensors, experts gathered ----------------------------------------------------
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        module = self.lightning_module
+        state = module.state_dict()
+        # full_tensor() is collective over the FSDP mesh: every rank walks the same keys in the same order.
+        full = {k: _full(v) for k, v in state.items()}
+        return gather_expert_state_dict(module, full)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        state = raw.state_dict()
+        full = {i: {k: _full(v) for k, v in sorted(entry.items())} for i, entry in sorted(state["state"].items())}
+        return gather_optimizer_state(raw, self.lightning_module, {**state, "state": full})
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        state = shard_expert_state_dict(module, checkpoint["state_dict"])
+        current = module.state_dict()  # DTensors once fully_shard ran (restores before setup see plain tensors)
+        state = {k: _like(v, current[k]) if k in current else v for k, v in state.items()}
+        module.load_state_dict(state, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            state = shard_optimizer_state(optimizer, self.lightning_module, state)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if len(params) != sum(len(g["params"]) for g in state["param_groups"]):
+                raise ValueError("the checkpoint's optimizer holds another number of parameters than this one")
+            local = {i: {k: _like(v, params[i]) for k, v in entry.items()} for i, entry in state["state"].items()}
+            optimizer.load_state_dict({**state, "state": local})
+            _optimizers_to_device([optimizer], self.root_device)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls,
+                                   description="FSDP2 for dense weights with expert parallelism (vmoe)")
+
+
+if ExpertParallelFSDPStrategy.strategy_name not in StrategyRegistry:
+    ExpertParallelFSDPStrategy.register_strategies(StrategyRegistry)
