@@ -8,12 +8,16 @@ Run as a script (``python tests/test_distributed_fsdp.py OUT_DIR``), this file, 
    layer's experts ignored) and on the LightningModule;
 2. fits a tiny V-MoE ImageClassifier (timm ViT, width 32, depth 2, 8 px digits, MoE in block 1, SGD) for 2
    steps plus validation, with ExpertParallelDDPStrategy and with ExpertParallelFSDPStrategy (default
-   units: the ViT's ``blocks``) from the same seed, and writes both checkpoints and the FSDP logits.
+   units: the ViT's ``blocks``) from the same seed, and writes both checkpoints and the FSDP logits;
+3. the same two ViT fits with ``precision="bf16-mixed"`` (autocast), recording per training forward whether
+   autocast was on and the dtypes of the router logits and of the MoE layer's output.
 
 The tests check in one process: TinyMoENet weights and momenta equal the single-process reference
 (the mean of both ranks' losses, clipping over the whole model) after 2 steps and after the resume; the
 checkpoints hold full plain tensors and load with a plain ``load_state_dict``, giving each rank's logits;
-the ViT trained with FSDP equals the one trained with DDP (weights, momenta, validation loss).
+the ViT trained with FSDP equals the one trained with DDP (weights, momenta, validation loss), in float32
+and, to bf16 rounding, in bf16-mixed (weights and momenta stay float32, router logits float32). Unsupported
+precisions are rejected at the start of setup, before any distributed work (checked without processes).
 """
 import subprocess
 import sys
@@ -21,7 +25,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from torch.utils.data import DataLoader, TensorDataset
 
 import test_expert_parallel_lightning as ddp_test
@@ -49,16 +55,43 @@ def vit_data():
     return TensorDataset(x[:32], y[:32]), TensorDataset(x[32:], y[32:])
 
 
-def fit_vit(strategy, out: Path, name: str) -> None:
+def record_router_dtypes(model) -> list:
+    """Per training-step forward of the MoE layer: (autocast on, router logits dtype, MoE output dtype)."""
+    import vmoe.moe.routers.vmoe as vmoe_router
+    from vmoe.moe.build import iter_moe_layers
+    calls, logits = [], []
+
+    def float32_logits(x, weight):
+        out = original(x, weight)
+        logits.append(out.dtype)
+        return out
+
+    def hook(layer, args, output):
+        if layer.training:
+            calls.append((torch.is_autocast_enabled("cpu"), logits[-1], output.dtype))
+
+    original = vmoe_router.float32_logits
+    vmoe_router.float32_logits = float32_logits  # the vmoe router's module-level name (restored by the caller)
+    (_, layer), = iter_moe_layers(model)
+    layer.register_forward_hook(hook)
+    return calls
+
+
+def fit_vit(strategy, out: Path, name: str, precision: str = "32-true") -> None:
+    import vmoe.moe.routers.vmoe as vmoe_router
     from vmoe.train.module import ImageClassifier
     L.seed_everything(0)
     model = ImageClassifier(**VIT)
     train, val = vit_data()
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=2,
                         gradient_clip_val=1e-2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(model, DataLoader(train, batch_size=VIT_BATCH), DataLoader(val, batch_size=VIT_BATCH))
-    if name == "fsdp":  # per-block FSDP units; dense weights are DTensor shards, experts plain local tensors
+                        enable_model_summary=False, num_sanity_val_steps=0, precision=precision)
+    original, router_calls = vmoe_router.float32_logits, record_router_dtypes(model)
+    try:
+        trainer.fit(model, DataLoader(train, batch_size=VIT_BATCH), DataLoader(val, batch_size=VIT_BATCH))
+    finally:
+        vmoe_router.float32_logits = original
+    if name.startswith("fsdp"):  # per-block FSDP units; dense weights are DTensor shards, experts plain local tensors
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
 
@@ -69,6 +102,7 @@ def fit_vit(strategy, out: Path, name: str) -> None:
         assert experts and all(type(p) is torch.nn.Parameter and p.shape[0] == 2 for p in experts)
         opt_params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
         assert all(isinstance(p, DTensor) != (p in experts) for p in opt_params)
+        assert all(p.dtype == torch.float32 for p in opt_params)  # bf16-mixed too: float32 params (and moments)
     trainer.save_checkpoint(out / f"vit_{name}.ckpt")
     if name == "fsdp":  # loading a full checkpoint into the sharded model: dense parts re-sharded, experts sliced
         trainer.strategy.barrier()
@@ -82,7 +116,7 @@ def fit_vit(strategy, out: Path, name: str) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(val.tensors[0][8 * trainer.global_rank:8 * trainer.global_rank + 8])
-    torch.save({"logits": logits, "val_loss": trainer.callback_metrics["val/loss"]},
+    torch.save({"logits": logits, "val_loss": trainer.callback_metrics["val/loss"], "router_calls": router_calls},
                out / f"vit_{name}_rank{trainer.global_rank}.pt")
 
 
@@ -92,6 +126,8 @@ def main(out: Path) -> None:
     ddp_test.main(out)  # TinyMoENet: fit 2 steps, ep2.ckpt, logits, resume into step 3, ep3.ckpt
     fit_vit(ExpertParallelDDPStrategy(), out, "ddp")
     fit_vit(ExpertParallelFSDPStrategy(), out, "fsdp")
+    fit_vit(ExpertParallelDDPStrategy(), out, "ddp_bf16", precision="bf16-mixed")
+    fit_vit(ExpertParallelFSDPStrategy(), out, "fsdp_bf16", precision="bf16-mixed")
 
 
 @lru_cache(maxsize=1)
@@ -155,6 +191,82 @@ def test_distributed_fsdp_vit_blocks_match_expert_parallel_ddp(tmp_path_factory)
                                        atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(saved["val_loss"], torch.load(out / f"vit_ddp_rank{rank}.pt")["val_loss"],
                                    atol=1e-5, rtol=1e-5)
+
+
+def _change_tolerance(change: torch.Tensor, fraction: float) -> float:
+    """``fraction`` of a tensor's largest change over the fit, plus 2 float32 ulps at 1 (norm weights ~1)."""
+    return fraction * change.abs().max().item() + 2.4e-7
+
+
+def test_distributed_fsdp_bf16_mixed_matches_expert_parallel_ddp(tmp_path_factory):
+    """bf16-mixed on 2 ranks: FSDP2 + experts vs ExpertParallelDDPStrategy, same seed, 2 SGD steps.
+
+    Both runs do the same bf16 autocast arithmetic on the same data; only the gradient reduction differs
+    (FSDP2's reduce-scatter vs DDP's all-reduce: float32 sums in another order). A 1-ulp float32 difference
+    after step 1 can flip a bf16 rounding in step 2's forward (relative error up to 2^-8 ~ 4e-3 on that
+    element), so the weights must agree to 1% of how far they moved, not to float32 precision (observed:
+    ~1e-6 of the change). Against the float32 FSDP run the whole forward is rounded to bf16; 5% of the
+    change (observed <= 2.5%, the norm weights, where the change is a few float32 ulps).
+    """
+    from vmoe.train.module import ImageClassifier
+    out = script_dir(tmp_path_factory)
+    L.seed_everything(0)
+    init = ImageClassifier(**VIT).state_dict()  # fit_vit's initial weights
+    ddp, fsdp, fsdp32 = (torch.load(out / f"vit_{n}.ckpt", weights_only=False)
+                         for n in ("ddp_bf16", "fsdp_bf16", "fsdp"))
+    assert fsdp["state_dict"].keys() == ddp["state_dict"].keys() == init.keys()
+    for key, start in init.items():
+        value = fsdp["state_dict"][key]
+        assert type(value) is torch.Tensor and value.dtype == torch.float32, key  # params stay float32
+        change = ddp["state_dict"][key] - start
+        assert change.abs().max() > 0, key  # every tensor moved (lr 0.1, clip 1e-2: changes of 5e-6 .. 5e-4)
+        torch.testing.assert_close(value, ddp["state_dict"][key], rtol=0, atol=_change_tolerance(change, 1e-2),
+                                   msg=key)
+        torch.testing.assert_close(value, fsdp32["state_dict"][key], rtol=0,
+                                   atol=_change_tolerance(fsdp32["state_dict"][key] - start, 5e-2), msg=key)
+    # autocast did change the arithmetic (the router calls below show it was on during the steps)
+    assert any(not torch.equal(v, fsdp32["state_dict"][k]) for k, v in fsdp["state_dict"].items())
+    ddp_state, fsdp_state = (c["optimizer_states"][0]["state"] for c in (ddp, fsdp))
+    assert fsdp_state.keys() == ddp_state.keys() and ddp_state
+    for i, entry in ddp_state.items():
+        momentum = fsdp_state[i]["momentum_buffer"]
+        assert momentum.dtype == torch.float32
+        torch.testing.assert_close(momentum, entry["momentum_buffer"], rtol=0,
+                                   atol=_change_tolerance(entry["momentum_buffer"], 1e-2))
+    for rank in (0, 1):
+        saved = torch.load(out / f"vit_fsdp_bf16_rank{rank}.pt")
+        # each training forward (2 steps) ran under autocast, the router's logits in float32, the MoE layer's
+        # output (experts) in bf16; the 32-true run had no autocast and float32 everywhere
+        assert saved["router_calls"] == [(True, torch.float32, torch.bfloat16)] * 2
+        fp32_calls = torch.load(out / f"vit_fsdp_rank{rank}.pt")["router_calls"]
+        assert fp32_calls == [(False, torch.float32, torch.float32)] * 2
+        # validation under bf16 autocast too: loss ~2.3, bf16 resolution there ~1e-2
+        torch.testing.assert_close(saved["val_loss"], torch.load(out / f"vit_ddp_bf16_rank{rank}.pt")["val_loss"],
+                                   atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("precision, plugin, match", [
+    ("16-mixed", lambda: MixedPrecision("16-mixed", "cpu"), "precision='16-mixed'.*sharded GradScaler"),
+    ("bf16-true", lambda: HalfPrecision("bf16-true"), "precision='bf16-true'"),
+    ("16-true", lambda: HalfPrecision("16-true"), "precision='16-true'"),
+    ("64-true", lambda: DoublePrecision(), "precision='64-true'"),
+], ids=["16-mixed", "bf16-true", "16-true", "64-true"])
+def test_distributed_fsdp_rejects_unsupported_precision(precision, plugin, match):
+    from vmoe.distributed import ExpertParallelFSDPStrategy
+    strategy = ExpertParallelFSDPStrategy()
+    strategy.precision_plugin = plugin()
+    assert strategy.precision_plugin.precision == precision
+    # checked first thing in setup: no trainer, accelerator, model or process group needed
+    with pytest.raises(ValueError, match=match + r".*Valid: \['32-true', 'bf16-mixed'\]"):
+        strategy.setup(None)
+
+
+def test_distributed_fsdp_accepts_32_true_and_bf16_mixed_plugins():
+    from vmoe.distributed import ExpertParallelFSDPStrategy
+    strategy = ExpertParallelFSDPStrategy()
+    for plugin in (Precision(), MixedPrecision("bf16-mixed", "cpu")):
+        strategy.precision_plugin = plugin
+        strategy._check_precision()
 
 
 if __name__ == "__main__":

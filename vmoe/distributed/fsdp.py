@@ -15,6 +15,8 @@ is imported) or ``{class_path: vmoe.distributed.ExpertParallelFSDPStrategy, init
   (``DTensor.full_tensor``), experts gathered from their group, in the layout of ``model.state_dict()`` /
   ``optimizer.state_dict()`` of one process. They load with plain ``load_state_dict`` in one process, and
   into this strategy with any world size (dense parts are re-sharded, experts re-sliced).
+- precision: "32-true" or "bf16-mixed" (autocast; float32 parameters, gradients and optimizer state);
+  anything else raises ValueError at the start of setup.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -41,6 +44,7 @@ from .strategy import ExpertParallelDDPStrategy
 __all__ = ["ExpertParallelFSDPStrategy", "clip_grad_norm_fsdp_", "find_shard_modules"]
 
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed")
 
 
 def find_shard_modules(model: nn.Module, select: str | Sequence[str] | Callable[[nn.Module], bool] | None = None
@@ -138,8 +142,12 @@ class ExpertParallelFSDPStrategy(ExpertParallelDDPStrategy):
 
     The LightningModule's ``training_step`` / ``validation_step`` / ``test_step`` / ``predict_step`` are
     registered as FSDP forward methods, so the root's parameters are gathered whatever the step calls.
-    Only ``precision="32-true"`` (no FSDP2 mixed-precision policy is set up). Other keyword arguments go to
-    Lightning's DDPStrategy (process_group_backend, timeout, ...); DDP-only options have no effect.
+    precision: ``"32-true"`` or ``"bf16-mixed"`` (Lightning's autocast plugin: float32 parameters, gradients
+    and optimizer state, the forward under ``torch.autocast``, router logits still float32; no FSDP2
+    ``MixedPrecisionPolicy`` is set up). Anything else raises ValueError at setup: ``"16-mixed"`` would need
+    a gradient scaler aware of the sharded gradients; ``"bf16-true"``/``"16-true"``/``"64-true"`` are not
+    supported. Other keyword arguments go to Lightning's DDPStrategy (process_group_backend, timeout, ...);
+    DDP-only options have no effect.
     """
 
     strategy_name = "fsdp_expert_parallel"
@@ -153,10 +161,8 @@ class ExpertParallelFSDPStrategy(ExpertParallelDDPStrategy):
 
     # --- setup: the same order as DDPStrategy.setup, with fully_shard in place of the DDP wrapper ----------
     def setup(self, trainer: Any) -> None:
+        self._check_precision()  # first: no process group, device or model work before a bad precision fails
         assert self.accelerator is not None and self.model is not None
-        precision = getattr(self.precision_plugin, "precision", "32-true")
-        if str(precision) not in ("32-true", "32"):
-            raise ValueError(f"{type(self).__name__} supports precision='32-true' only, got {precision!r}")
         self.accelerator.setup(trainer)
         # FSDP2 cannot all-gather under torch.inference_mode ("Inference tensors do not track version
         # counter"): evaluate under no_grad, as Lightning does for its own FSDPStrategy. (Fit's validation
@@ -175,6 +181,27 @@ class ExpertParallelFSDPStrategy(ExpertParallelDDPStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _check_precision(self) -> None:
+        plugin = self.precision_plugin
+        precision = str(getattr(plugin, "precision", "32-true"))
+        if precision in ("32-true", "32"):
+            return
+        # bf16-mixed: Lightning's autocast plugin. Parameters, gradients (FSDP2's reduce-scatter, the expert
+        # all-reduce) and optimizer state stay float32; only the forward runs under torch.autocast, which
+        # FSDP2 needs no MixedPrecisionPolicy for (it all-gathers the float32 shards).
+        if precision == "bf16-mixed" and isinstance(plugin, MixedPrecision):
+            return
+        why = ""
+        if precision == "16-mixed":
+            # GradScaler checks for inf/nan in the local gradients only: with DTensor shards and experts split
+            # over ranks, ranks would disagree on skipping a step (FSDP1 has ShardedGradScaler for that).
+            why = (": float16 needs a sharded GradScaler (inf checks agreed over the ranks holding the gradient "
+                   "shards and the experts), which this strategy does not set up; use 'bf16-mixed'")
+        elif precision == "bf16-mixed":
+            why = f" through {type(plugin).__name__}: bf16-mixed needs Lightning's autocast plugin, MixedPrecision"
+        raise ValueError(f"{type(self).__name__} does not support precision={precision!r}{why}. "
+                         f"Valid: {list(SUPPORTED_PRECISIONS)}")
 
     def _fully_shard(self) -> None:
         module = self.lightning_module
