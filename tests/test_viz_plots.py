@@ -8,10 +8,10 @@ from matplotlib.colors import to_rgba
 from timm.models.vision_transformer import VisionTransformer
 
 from vmoe.moe import MoEMlp
-from vmoe.viz import (DROPPED, PARTIAL, capacity_sweep, collect_routing_stats, display_images, format_sweep_table, loads_and_capacity,
-                      patch_layout, patch_status, plot_capacity_sweep, plot_class_expert_share,
-                      plot_dropped_patches, plot_expert_load, plot_expert_map, route, routing_figures,
-                      routing_settings, top1_expert_map)
+from vmoe.viz import (DROPPED, PARTIAL, capacity_sweep, collect_routing_stats, display_images, format_sweep_table,
+                      loads_and_capacity, mcnemar_p_value, patch_layout, patch_status, plot_capacity_sweep,
+                      plot_class_expert_share, plot_dropped_patches, plot_expert_load, plot_expert_map, route,
+                      routing_figures, routing_settings, top1_expert_map)
 from vmoe.viz.plots import DROP_COLOR, PARTIAL_HATCH
 
 
@@ -105,6 +105,17 @@ def test_class_share_and_sweep_plots():
     fig.savefig(io.BytesIO(), format="png")
 
 
+def test_mcnemar_p_value_hand_computed():
+    # n = 5 disagreements, all one way: 2 * P(X <= 0) = 2 / 32
+    assert mcnemar_p_value(0, 5) == mcnemar_p_value(5, 0) == 2 / 32
+    assert mcnemar_p_value(3, 0) == 2 / 8
+    # 2 * P(X <= 1) for n = 6: 2 * (1 + 6) / 64
+    assert mcnemar_p_value(1, 5) == 14 / 64
+    assert mcnemar_p_value(1, 1) == 1.0 and mcnemar_p_value(0, 0) == 1.0  # capped; no disagreement
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        mcnemar_p_value(-1, 2)
+
+
 def test_capacity_sweep_and_table():
     model = tiny_vmoe()
     data = [(torch.randn(4, 1, 16, 16), torch.randint(0, 3, (4,))) for _ in range(2)]
@@ -115,8 +126,16 @@ def test_capacity_sweep_and_table():
     assert rows[0]["dropped_assignments"] > 0.4 and rows[2]["dropped_tokens"] == 0.0
     # At a capacity where nothing drops, routing mode cannot change the prediction.
     assert rows[2]["accuracy"] == rows[3]["accuracy"]
+    for factor_rows in (rows[:2], rows[2:]):
+        vanilla, bpr = factor_rows
+        # only_correct counts disagreements, so it ties the two accuracies together exactly
+        assert round((bpr["accuracy"] - vanilla["accuracy"]) * 8) == bpr["only_correct"] - vanilla["only_correct"]
+        assert vanilla["p_value"] == bpr["p_value"] == mcnemar_p_value(vanilla["only_correct"], bpr["only_correct"])
+    assert rows[2]["only_correct"] == rows[3]["only_correct"] == 0 and rows[2]["p_value"] == 1.0
     table = format_sweep_table(rows)
-    assert "0.25" in table and "BPR acc" in table and len(table.splitlines()) == 5
+    assert "0.25" in table and "BPR acc" in table and "McNemar" in table and len(table.splitlines()) == 5
+    single = capacity_sweep(model, data, capacity_factors=[0.25], modes=["bpr"])
+    assert single[0]["p_value"] is None and "McNemar" not in format_sweep_table(single)
     with pytest.raises(ValueError, match="must be > 0"):
         capacity_sweep(model, data, capacity_factors=[0.0])
     with pytest.raises(ValueError, match="unknown routing modes"):

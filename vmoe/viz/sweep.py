@@ -2,13 +2,15 @@
 with vanilla routing and with Batch Priority Routing (the V-MoE paper's capacity experiment)."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .collect import route
 
-__all__ = ["DEFAULT_CAPACITY_FACTORS", "MODES", "capacity_sweep", "format_sweep_table"]
+__all__ = ["DEFAULT_CAPACITY_FACTORS", "MODES", "capacity_sweep", "format_sweep_table", "mcnemar_p_value"]
 
 DEFAULT_CAPACITY_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 MODES = {"vanilla": False, "bpr": True}
@@ -24,6 +26,20 @@ def _check_factors(capacity_factors: Sequence[float]) -> list[float]:
     return factors
 
 
+def mcnemar_p_value(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test of two classifiers on the same images.
+
+    only_a / only_b: images that only A / only B got right. Under "A and B are equally accurate" each such
+    image is a fair coin, so p = 2 * P(X <= min(only_a, only_b)) for X ~ Binomial(only_a + only_b, 1/2),
+    capped at 1; 1.0 when there is no disagreement at all.
+    """
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"counts must be >= 0, got {only_a} and {only_b}")
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
 def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                    capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
                    modes: Sequence[str] = ("vanilla", "bpr"), max_batches: int | None = None) -> list[dict]:
@@ -33,7 +49,9 @@ def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     routing group that BPR prioritises within: use the same batch size as the evaluation you compare to.
     Returns one dict per (capacity_factor, mode): accuracy, dropped_tokens (share of routed tokens, prefix
     included, that lost every choice, over all MoE layers) and dropped_assignments (share of the K
-    choices that got no slot), plus num_images.
+    choices that got no slot), plus num_images. With both modes: only_correct (images this mode got right
+    and the other wrong) and p_value (exact McNemar test of the two modes at this factor, the same on both
+    rows), so a gap between vanilla and BPR can be told from noise; None with a single mode.
     """
     factors = _check_factors(capacity_factors)
     unknown = [m for m in modes if m not in MODES]
@@ -41,14 +59,17 @@ def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
         raise ValueError(f"unknown routing modes {unknown}; valid: {sorted(MODES)}")
     rows = []
     for factor in factors:
+        hits = {}  # mode -> [N] bool, per test image, in loader order
         for mode in modes:
             correct = images_seen = 0
+            hit = []
             dropped_tokens = tokens = dropped_assignments = assignments = 0
             for step, (images, labels) in enumerate(batches):
                 if max_batches is not None and step >= max_batches:
                     break
                 logits, routings = route(model, images, eval_capacity_factor=factor, batch_priority=MODES[mode])
-                correct += int((logits.argmax(-1).cpu() == labels.cpu()).sum())
+                hit.append(logits.argmax(-1).cpu() == labels.cpu())
+                correct += int(hit[-1].sum())
                 images_seen += int(labels.shape[0])
                 for routing in routings.values():
                     kept = routing.kept  # [B, T, K]
@@ -58,10 +79,16 @@ def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                     assignments += kept.numel()
             if images_seen == 0:
                 raise ValueError("the sweep saw no images: the data loader is empty")
+            hits[mode] = torch.cat(hit)
             rows.append({"capacity_factor": factor, "mode": mode, "accuracy": correct / images_seen,
                          "dropped_tokens": dropped_tokens / max(tokens, 1),
                          "dropped_assignments": dropped_assignments / max(assignments, 1),
-                         "num_images": images_seen})
+                         "num_images": images_seen, "only_correct": None, "p_value": None})
+        if set(hits) == set(MODES):
+            only = {m: int((hits[m] & ~hits[other]).sum()) for m, other in (("vanilla", "bpr"), ("bpr", "vanilla"))}
+            p_value = mcnemar_p_value(only["vanilla"], only["bpr"])
+            for row in rows[-len(modes):]:
+                row.update(only_correct=only[row["mode"]], p_value=p_value)
     return rows
 
 
@@ -74,6 +101,9 @@ def format_sweep_table(rows: Sequence[dict]) -> str:
     for m in modes:
         n = names.get(m, m)
         head += f" | {n + ' acc':>11} {n + ' drop':>12} {n + ' asg drop':>14}"
+    paired = any(r.get("p_value") is not None for r in rows)
+    if paired:
+        head += f" | {'BPR-only/vanilla-only right':>27} {'p':>6}"
     lines = [head, "-" * len(head)]
     for factor in sorted(dict.fromkeys(r["capacity_factor"] for r in rows)):
         line = f"{factor:>8g}"
@@ -84,6 +114,15 @@ def format_sweep_table(rows: Sequence[dict]) -> str:
             else:
                 line += (f" | {100 * r['accuracy']:>10.2f}% {100 * r['dropped_tokens']:>11.2f}%"
                          f" {100 * r['dropped_assignments']:>13.2f}%")
+        if paired:
+            bpr, vanilla = by_key.get((factor, "bpr"), {}), by_key.get((factor, "vanilla"), {})
+            if bpr.get("p_value") is None:
+                line += f" | {'-':>27} {'-':>6}"
+            else:
+                counts = f"{bpr['only_correct']} / {vanilla['only_correct']}"
+                p_text = "<0.001" if bpr["p_value"] < 0.001 else f"{bpr['p_value']:.3f}"
+                line += f" | {counts:>27} {p_text:>6}"
         lines.append(line)
-    lines.append("acc = test accuracy; drop = tokens that lost every choice; asg drop = choices without a slot")
+    lines.append("acc = test accuracy; drop = tokens that lost every choice; asg drop = choices without a slot"
+                 + ("; p = exact McNemar test, BPR vs vanilla on the same images" if paired else ""))
     return "\n".join(lines)
