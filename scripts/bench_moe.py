@@ -172,7 +172,7 @@ def main() -> None:
               f"{to / tm:>10.2f}")
     if args.allocator == "caching":
         return  # peak memory is measured with the default allocator (freed memory must leave the RSS)
-    print(f"\npeak memory of one fwd+bwd step (MB; the MoE's includes its E experts' weight gradients)")
+    print("\npeak memory of one fwd+bwd step (MB; the MoE's includes its E experts' weight gradients)")
     print(f"{'E':>3} | {'dense MB':>8} {'moe MB':>8} {'onehot MB':>9} | {'moe/dense':>9} {'onehot/dense':>12}")
     for e in args.experts:
         md, mm, mo = (peak_memory(kind, e, args.device) / 2**20 for kind in ("dense", "moe", "onehot"))

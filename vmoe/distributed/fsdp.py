@@ -10,7 +10,7 @@ is imported) or ``{class_path: vmoe.distributed.ExpertParallelFSDPStrategy, init
   plain local tensors, reached by all-to-all. The optimizer is built afterwards, on the DTensor shards.
 - gradients: FSDP2 reduce-scatters the dense gradients (mean over the W ranks); ``sync_expert_grads`` turns
   the expert gradients into the same mean. Norm clipping uses the norm of the whole model, the same on
-  every rank (``clip_grad_norm_fsdp_``).
+  every rank (``vmoe.distributed.clip_grad_norm_`` sums the DTensor shards over the mesh).
 - checkpoints hold plain full tensors: dense parameters and optimizer moments are all-gathered
   (``DTensor.full_tensor``), experts gathered from their group, in the layout of ``model.state_dict()`` /
   ``optimizer.state_dict()`` of one process. They load with plain ``load_state_dict`` in one process, and
@@ -20,10 +20,9 @@ is imported) or ``{class_path: vmoe.distributed.ExpertParallelFSDPStrategy, init
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.overrides.distributed import _sync_module_states
@@ -34,14 +33,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
 from .shard import (expert_parameters, gather_expert_state_dict, gather_optimizer_state, shard_expert_state_dict,
                     shard_optimizer_state)
 from .strategy import ExpertParallelDDPStrategy
 
-__all__ = ["ExpertParallelFSDPStrategy", "clip_grad_norm_fsdp_", "find_shard_modules"]
+__all__ = ["ExpertParallelFSDPStrategy", "find_shard_modules"]
 
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed")
@@ -65,58 +64,6 @@ def find_shard_modules(model: nn.Module, select: str | Sequence[str] | Callable[
         pick = lambda m: type(m).__name__ in names  # noqa: E731
     # named_modules is pre-order: reversed, a child always comes before its parent (fully_shard bottom-up).
     return [m for name, m in reversed(list(model.named_modules())) if name and pick(m)]
-
-
-def _is_sharded_dtensor(t: Tensor) -> bool:
-    return isinstance(t, DTensor) and all(isinstance(p, Shard) for p in t.placements)
-
-
-@torch.no_grad()
-def clip_grad_norm_fsdp_(parameters: Iterable[Tensor], max_norm: float, model: nn.Module,
-                         norm_type: float = 2.0) -> Tensor:
-    """Norm clipping over the whole model when dense grads are FSDP2 shards and experts are sharded.
-
-    Squared norms: local shards of DTensor grads summed over their mesh, expert grads summed over their
-    expert-parallel group, anything else (replicated) counted once. Every rank gets the same total norm
-    and clip coefficient. Returns the total norm (a plain tensor).
-    """
-    if norm_type != 2.0:
-        raise ValueError(f"expert-parallel gradient clipping supports norm_type=2.0, got {norm_type}")
-    hooks = {id(p): hook for p, hook in expert_parameters(model)}
-    params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
-    device = grads[0].device
-    total_sq = torch.zeros((), device=device)
-    # {id(process group): [accumulated squares, group]}; one all-reduce per group, in first-seen order,
-    # which is the same on every rank (same parameter order).
-    per_group: dict[int, list] = {}
-    for p, g in zip(params, grads):
-        sq = g.detach().float().pow(2).sum().to(device)
-        if _is_sharded_dtensor(p.grad):
-            group = p.grad.device_mesh.get_group()
-        elif isinstance(p.grad, DTensor):  # replicated or partial placements: count the full gradient once
-            total_sq = total_sq + p.grad.full_tensor().float().pow(2).sum().to(device)
-            continue
-        elif id(p) in hooks:
-            group = hooks[id(p)].group if hooks[id(p)].world_size > 1 else None
-            if group is None:
-                total_sq = total_sq + sq
-                continue
-        else:
-            total_sq = total_sq + sq
-            continue
-        entry = per_group.setdefault(id(group), [torch.zeros((), device=device), group])
-        entry[0] = entry[0] + sq
-    for acc, group in per_group.values():
-        dist.all_reduce(acc, group=group)
-        total_sq = total_sq + acc
-    total = total_sq.sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.detach().mul_(coef.to(g.device, g.dtype))
-    return total
 
 
 def _full(t: Any) -> Any:
@@ -221,17 +168,6 @@ class ExpertParallelFSDPStrategy(ExpertParallelDDPStrategy):
 
     def configure_ddp(self) -> None:  # never wraps: FSDP2 reduces the gradients
         pass
-
-    def _use_expert_parallel_clipping(self) -> None:
-        plugin = self.precision_plugin
-        if getattr(plugin, "_vmoe_fsdp_clipping", False):
-            return
-
-        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
-            clip_grad_norm_fsdp_(plugin.main_params(optimizer), clip_val, self.lightning_module)
-
-        plugin.clip_grad_by_norm = clip_grad_by_norm
-        plugin._vmoe_expert_parallel_clipping = plugin._vmoe_fsdp_clipping = True
 
     # --- checkpoints: full plain tensors, experts gathered ----------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
 from .shard import expert_parameters
 
@@ -42,14 +43,23 @@ def sync_expert_grads(model: nn.Module, params: Iterable[Tensor] | None = None) 
         param.grad.div_(groups.dp_size)
 
 
+def _sharded_over(grad: Tensor) -> dist.ProcessGroup | None:
+    """The process group over which ``grad`` is split into disjoint pieces (an FSDP2 DTensor shard), else None."""
+    if isinstance(grad, DTensor) and all(isinstance(p, Shard) for p in grad.placements):
+        return grad.device_mesh.get_group()
+    return None
+
+
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, model: nn.Module,
                     norm_type: float = 2.0) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` over the WHOLE model when its experts are sharded.
+    """``torch.nn.utils.clip_grad_norm_`` over the WHOLE model when its experts (and maybe its dense
+    weights) are sharded.
 
-    The norm of the expert gradients is summed over the expert-parallel group (each rank holds a
-    different slice), the dense part is already equal on every rank, so every rank computes the same
-    total norm and the same clip coefficient, and the dense weights stay identical across ranks.
+    Squared norms of pieces split over ranks are summed over those ranks: expert gradients over their
+    expert-parallel group (each rank holds a different slice), FSDP2 DTensor shards over their mesh.
+    Replicated gradients (plain DDP ones, or a replicated DTensor) count once. Every rank thus computes the
+    same total norm and the same clip coefficient, and replicated weights stay identical across ranks.
     Returns the total norm.
     """
     if norm_type != 2.0:
@@ -58,24 +68,28 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, model: nn.Mod
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.zeros(())
-    device = params[0].grad.device
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+    device = grads[0].device
     total_sq = torch.zeros((), device=device)
-    # Expert squares summed per expert-parallel group, then one all-reduce per group.
+    # {id(group): [squares, group]}: one all-reduce per group, in first-seen order (the same on every rank).
     per_group: dict[int, list] = {}
-    for p in params:
-        sq = p.grad.detach().float().pow(2).sum().to(device)
+    for p, g in zip(params, grads):
+        if isinstance(p.grad, DTensor) and _sharded_over(p.grad) is None:  # replicated/partial placements
+            total_sq = total_sq + p.grad.full_tensor().float().pow(2).sum().to(device)
+            continue
+        sq = g.detach().float().pow(2).sum().to(device)
         hook = hooks.get(id(p))
-        if hook is None:
+        group = _sharded_over(p.grad) or (hook.group if hook is not None and hook.world_size > 1 else None)
+        if group is None:
             total_sq = total_sq + sq
         else:
-            entry = per_group.setdefault(id(hook.group), [torch.zeros((), device=device), hook])
+            entry = per_group.setdefault(id(group), [torch.zeros((), device=device), group])
             entry[0] = entry[0] + sq
-    for acc, hook in per_group.values():
-        if hook.world_size > 1:
-            dist.all_reduce(acc, group=hook.group)
+    for acc, group in per_group.values():
+        dist.all_reduce(acc, group=group)
         total_sq = total_sq + acc
     total = total_sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
+    for g in grads:
+        g.detach().mul_(coef.to(g.device, g.dtype))
     return total
