@@ -130,15 +130,7 @@ def test_expert_parallel_ddp_two_ranks_matches_one_process_and_checkpoint_loads_
     assert_matches(ckpt, snapshots[2])
     assert_matches(torch.load(tmp_path / "ep3.ckpt", weights_only=False), snapshots[3])  # 2 -> 2 resume
 
-    # Evaluated with 1 process: a plain strict load gives each rank's expert-parallel logits.
-    single = TinyMoENet()
-    single.load_state_dict(ckpt["state_dict"])
-    single.configure_optimizers().load_state_dict(ckpt["optimizer_states"][0])  # full-size moments fit
-    single.eval()
-    with torch.no_grad():
-        for rank in (0, 1):
-            torch.testing.assert_close(single(rank_batch(rank, 0)[0]),
-                                       torch.load(tmp_path / f"logits_rank{rank}.pt"), atol=1e-5, rtol=1e-5)
+    single = loads_in_one_process(ckpt, tmp_path)
     metrics = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False).validate(
         TinyMoENet(), DataLoader(dataset(), batch_size=N), ckpt_path=tmp_path / "ep2.ckpt", verbose=False)
@@ -146,6 +138,20 @@ def test_expert_parallel_ddp_two_ranks_matches_one_process_and_checkpoint_loads_
         expected = single.loss(dataset().tensors)
     assert abs(metrics[0]["val_loss"] - float(expected)) < 1e-5
 
+
+
+def loads_in_one_process(ckpt: dict, logits_dir: Path) -> TinyMoENet:
+    """A plain strict load of a multi-rank checkpoint in 1 process, checked against each rank's logits
+    (``logits_rank{r}.pt`` in ``logits_dir``); returns the loaded model, in eval mode."""
+    single = TinyMoENet()
+    single.load_state_dict(ckpt["state_dict"])
+    single.configure_optimizers().load_state_dict(ckpt["optimizer_states"][0])  # full-size moments fit
+    single.eval()
+    with torch.no_grad():
+        for rank in (0, 1):
+            torch.testing.assert_close(single(rank_batch(rank, 0)[0]),
+                                       torch.load(logits_dir / f"logits_rank{rank}.pt"), atol=1e-5, rtol=1e-5)
+    return single
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
