@@ -45,8 +45,9 @@ def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                    modes: Sequence[str] = ("vanilla", "bpr"), max_batches: int | None = None) -> list[dict]:
     """Evaluate ``model`` (eval mode) on (images, labels) batches for every capacity factor and mode.
 
-    ``batches`` must be re-iterable (a DataLoader). Each batch is one forward, so its composition is the
-    routing group that BPR prioritises within: use the same batch size as the evaluation you compare to.
+    ``batches`` must be re-iterable in the same order (an unshuffled DataLoader: the paired counts compare
+    the two modes image by image). Each batch is one forward, so its composition is the routing group that
+    BPR prioritises within: use the same batch size as the evaluation you compare to.
     Returns one dict per (capacity_factor, mode): accuracy, dropped_tokens (share of routed tokens, prefix
     included, that lost every choice, over all MoE layers) and dropped_assignments (share of the K
     choices that got no slot), plus num_images. With both modes: only_correct (images this mode got right
