@@ -14,7 +14,7 @@ is imported) or ``{class_path: vmoe.distributed.ExpertParallelFSDPStrategy, init
 - checkpoints hold plain full tensors: dense parameters and optimizer moments are all-gathered
   (``DTensor.full_tensor``), experts gathered from their group, in the layout of ``model.state_dict()`` /
   ``optimizer.state_dict()`` of one process. They load with plain ``load_state_dict`` in one process, and
-  into this strategy with any world size (dense parts are re-sharded, experts re-sliced).
+  back into this strategy (dense parts re-sharded, experts re-sliced; tested 2 ranks -> 2 ranks).
 - precision: "32-true" or "bf16-mixed" (autocast; float32 parameters, gradients and optimizer state);
   anything else raises ValueError at the start of setup.
 """

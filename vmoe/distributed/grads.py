@@ -74,12 +74,14 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, model: nn.Mod
     # {id(group): [squares, group]}: one all-reduce per group, in first-seen order (the same on every rank).
     per_group: dict[int, list] = {}
     for p, g in zip(params, grads):
-        if isinstance(p.grad, DTensor) and _sharded_over(p.grad) is None:  # replicated/partial placements
+        group = _sharded_over(p.grad)
+        if group is None and isinstance(p.grad, DTensor):  # replicated/partial placements: the full grad, once
             total_sq = total_sq + p.grad.full_tensor().float().pow(2).sum().to(device)
             continue
-        sq = g.detach().float().pow(2).sum().to(device)
         hook = hooks.get(id(p))
-        group = _sharded_over(p.grad) or (hook.group if hook is not None and hook.world_size > 1 else None)
+        if group is None and hook is not None and hook.world_size > 1:
+            group = hook.group
+        sq = g.detach().float().pow(2).sum().to(device)
         if group is None:
             total_sq = total_sq + sq
         else:
