@@ -79,15 +79,9 @@ def top_k_routing(gates: Tensor, k: int, capacity: int, batch_priority: bool = F
     num_experts = gates.shape[-1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in [1, {num_experts}] (the number of experts), got {k}")
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
-    lead = gates.shape[:-2]
-    flat = gates.reshape(-1, gates.shape[-2], num_experts)  # [G, S, E]
-    values, expert_index = torch.topk(flat, k, dim=-1)  # [G, S, K], descending
+    values, expert_index = torch.topk(gates, k, dim=-1)  # [..., S, K], descending
     priority = values[..., 0] if batch_priority else None
-    slot_index = assign_slots(expert_index, num_experts, capacity, priority)
-    combine = values * (slot_index >= 0).to(values.dtype)
-    return Routing(expert_index, slot_index, combine).reshape(*lead, flat.shape[1])
+    return route_choices(expert_index, values, num_experts, capacity, priority)
 
 
 def route_choices(expert_index: Tensor, combine_weights: Tensor, num_experts: int, capacity: int,

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from ..capacity import compute_capacity
-from ..routing import Routing
+from ..checks import check_non_negative, check_positive_float, check_positive_int
+from ..routing import Routing, route_choices
 
 __all__ = ["RouterOutput", "Router", "ROUTERS", "register_router", "build_router", "float32_logits",
            "after_optimizer_step"]
@@ -30,23 +31,33 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Base router: holds the routing settings that can change on a trained model.
+    """Base router: the routing settings that can change on a trained model, the router weight, and the
+    step every token-choice scheme ends with (slots by capacity, BPR order).
 
     capacity_factor applies in training, eval_capacity_factor (default: the training one) in eval mode;
     both, and batch_priority, may be changed at any time without touching the weights.
+    ``dim`` given: the router owns ``weight`` [E, D] ~ truncated N(0, 0.02^2), the logits x W^T.
+    A subclass computes its scores in ``forward`` and hands its choices to :meth:`route` (or gates to
+    :meth:`route_top_k`); it checks its loss weights with :meth:`check_non_negative`.
     """
 
     def __init__(self, num_experts: int, k: int, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False) -> None:
+                 eval_capacity_factor: float | None = None, batch_priority: bool = False, *,
+                 dim: int | None = None) -> None:
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        check_positive_int("num_experts", num_experts)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k!r}")
         self.num_experts, self.k = num_experts, k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.batch_priority = batch_priority
+        if dim is not None:
+            check_positive_int("dim", dim)
+            self.weight = nn.Parameter(torch.empty(num_experts, dim))
+            nn.init.trunc_normal_(self.weight, std=0.02)
+
+    check_non_negative = staticmethod(check_non_negative)
 
     @property
     def capacity_factor(self) -> float:
@@ -54,24 +65,44 @@ class Router(nn.Module):
 
     @capacity_factor.setter
     def capacity_factor(self, value: float) -> None:
-        if not value > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {value}")
+        check_positive_float("capacity_factor", value)
         self._capacity_factor = float(value)
 
     @property
     def eval_capacity_factor(self) -> float:
+        """The factor used in eval mode (the training one unless set); see :attr:`eval_capacity_factor_setting`."""
         return self._capacity_factor if self._eval_capacity_factor is None else self._eval_capacity_factor
 
     @eval_capacity_factor.setter
     def eval_capacity_factor(self, value: float | None) -> None:
-        if value is not None and not value > 0:
-            raise ValueError(f"eval_capacity_factor must be > 0 or None (= capacity_factor), got {value}")
+        check_positive_float("eval_capacity_factor", value, optional=True, what=" (= capacity_factor)")
         self._eval_capacity_factor = None if value is None else float(value)
+
+    @property
+    def eval_capacity_factor_setting(self) -> float | None:
+        """The eval factor as set: None means "follow capacity_factor" (what a restore must put back)."""
+        return self._eval_capacity_factor
 
     def capacity(self, group_size: int) -> int:
         """Slots per expert for a group of ``group_size`` tokens at the current mode's factor."""
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return compute_capacity(group_size * self.k, self.num_experts, factor)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x: [G, S, D] -> x W^T [G, S, E] in float32 (also under autocast)."""
+        return float32_logits(x, self.weight)
+
+    def route(self, expert_index: Tensor, weights: Tensor, keep: Tensor | None = None) -> Routing:
+        """Slots for the choices made: expert_index, weights [G, S, K] (combine weights, descending), keep
+        [G, S, K] bool or None. With BPR the tokens with the largest first weight are served first."""
+        priority = weights[..., 0] if self.batch_priority else None
+        capacity = self.capacity(expert_index.shape[-2])
+        return route_choices(expert_index, weights, self.num_experts, capacity, priority, keep)
+
+    def route_top_k(self, gates: Tensor) -> Routing:
+        """Token-choice top-k on gates [G, S, E]: the k largest gates are the choices and their weights."""
+        values, expert_index = torch.topk(gates, self.k, dim=-1)
+        return self.route(expert_index, values)
 
     def forward(self, x: Tensor) -> RouterOutput:  # pragma: no cover - interface
         raise NotImplementedError

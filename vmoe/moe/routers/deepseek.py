@@ -6,12 +6,10 @@ and K' = m*K choices.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses import device_balance_loss, expert_balance_loss
-from ..routing import top_k_routing
-from .base import Router, RouterOutput, float32_logits, register_router
+from .base import Router, RouterOutput, register_router
 
 __all__ = ["DeepSeekRouter"]
 
@@ -30,11 +28,9 @@ class DeepSeekRouter(Router):
                  eval_capacity_factor: float | None = None, batch_priority: bool = False,
                  expert_balance_weight: float = 0.01, device_balance_weight: float = 0.0,
                  num_devices: int | None = None) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority)
-        for name, value in (("expert_balance_weight", expert_balance_weight),
-                            ("device_balance_weight", device_balance_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
+        self.check_non_negative(expert_balance_weight=expert_balance_weight,
+                                device_balance_weight=device_balance_weight)
         if device_balance_weight > 0:
             if num_devices is None or num_devices < 2 or num_experts % num_devices:
                 raise ValueError(f"device_balance_weight > 0 needs num_devices >= 2 dividing the "
@@ -44,13 +40,11 @@ class DeepSeekRouter(Router):
                              "set device_balance_weight > 0 or drop num_devices")
         self.expert_balance_weight, self.device_balance_weight = expert_balance_weight, device_balance_weight
         self.num_devices = num_devices
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K']."""
-        scores = float32_logits(x, self.weight).softmax(-1)  # [G, S, E']
-        routing = top_k_routing(scores, self.k, self.capacity(x.shape[-2]), self.batch_priority)
+        scores = self.logits(x).softmax(-1)  # [G, S, E']
+        routing = self.route_top_k(scores)
         expert = expert_balance_loss(scores, routing.expert_index)
         aux = self.expert_balance_weight * expert
         metrics = {"expert_balance_loss": expert.detach()}

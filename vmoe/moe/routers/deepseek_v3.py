@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses import sequence_balance_loss
-from ..routing import group_limited_top_k, route_choices
-from .base import Router, RouterOutput, float32_logits, register_router
+from ..checks import check_positive_float
+from ..routing import group_limited_top_k
+from .base import Router, RouterOutput, register_router
 
 __all__ = ["DeepSeekV3Router"]
 
@@ -33,19 +34,14 @@ class DeepSeekV3Router(Router):
                  eval_capacity_factor: float | None = None, batch_priority: bool = False,
                  gamma: float = 1e-3, sequence_balance_weight: float = 1e-4, num_groups: int = 1,
                  topk_groups: int | None = None, route_scale: float = 1.0) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority)
-        if gamma < 0:
-            raise ValueError(f"gamma (bias update speed) must be >= 0, got {gamma}")
-        if sequence_balance_weight < 0:
-            raise ValueError(f"sequence_balance_weight must be >= 0, got {sequence_balance_weight}")
-        if not route_scale > 0:
-            raise ValueError(f"route_scale must be > 0, got {route_scale}")
+        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
+        self.check_non_negative(**{"gamma (bias update speed)": gamma,
+                                   "sequence_balance_weight": sequence_balance_weight})
+        check_positive_float("route_scale", route_scale)
         topk_groups = num_groups if topk_groups is None else topk_groups
         group_limited_top_k(torch.zeros(1, num_experts), k, num_groups, topk_groups)  # validates
         self.gamma, self.sequence_balance_weight, self.route_scale = gamma, sequence_balance_weight, route_scale
         self.num_groups, self.topk_groups = num_groups, topk_groups
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # Integer so that model.to(dtype) never rounds the counts.
         self.register_buffer("load_since_step", torch.zeros(num_experts, dtype=torch.long), persistent=False)
@@ -53,13 +49,12 @@ class DeepSeekV3Router(Router):
     def forward(self, x: Tensor, seq_len: int | None = None) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K]. seq_len: tokens per sequence (T); the G*S tokens are B*T
         consecutive tokens of B sequences. None treats every group as one sequence."""
-        scores = float32_logits(x, self.weight).sigmoid()  # [G, S, E]
+        scores = self.logits(x).sigmoid()  # [G, S, E]
         biased = scores + self.expert_bias.float()
         _, expert_index = group_limited_top_k(biased, self.k, self.num_groups, self.topk_groups)
         chosen = torch.gather(scores, -1, expert_index)
         weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
-        priority = weights[..., 0] if self.batch_priority else None
-        routing = route_choices(expert_index, weights, self.num_experts, self.capacity(x.shape[-2]), priority)
+        routing = self.route(expert_index, weights)
         if self.training:
             # Activation checkpointing may recount a forward; sign() of the relative load does not change.
             with torch.no_grad():

@@ -1,11 +1,9 @@
 """Dense mixture of experts (Jacobs et al. 1991): every token uses every expert."""
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..routing import top_k_routing
-from .base import Router, RouterOutput, float32_logits, register_router
+from .base import Router, RouterOutput, register_router
 
 __all__ = ["DenseRouter"]
 
@@ -21,12 +19,9 @@ class DenseRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.05,
                  eval_capacity_factor: float | None = None, batch_priority: bool = False) -> None:
-        super().__init__(num_experts, num_experts, capacity_factor, eval_capacity_factor, batch_priority)
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        super().__init__(num_experts, num_experts, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, E]."""
-        gates = float32_logits(x, self.weight).softmax(-1)
-        routing = top_k_routing(gates, self.num_experts, self.capacity(x.shape[-2]), self.batch_priority)
-        return RouterOutput(routing, gates.new_zeros(()))
+        gates = self.logits(x).softmax(-1)
+        return RouterOutput(self.route_top_k(gates), gates.new_zeros(()))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..routing import expert_choice_routing
-from .base import Router, RouterOutput, float32_logits, register_router
+from .base import Router, RouterOutput, register_router
 
 __all__ = ["ExpertChoiceRouter"]
 
@@ -28,9 +28,7 @@ class ExpertChoiceRouter(Router):
         if batch_priority:
             raise ValueError("expert_choice has no batch priority: each expert ranks the tokens itself; "
                              "got batch_priority=True")
-        super().__init__(num_experts, num_experts, capacity_factor, eval_capacity_factor, False)
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        super().__init__(num_experts, num_experts, capacity_factor, eval_capacity_factor, False, dim=dim)
 
     @property
     def batch_priority(self) -> bool:
@@ -48,7 +46,7 @@ class ExpertChoiceRouter(Router):
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, E]."""
-        scores = float32_logits(x, self.weight).softmax(-1)
+        scores = self.logits(x).softmax(-1)
         routing = expert_choice_routing(scores, self.capacity(x.shape[-2]))
         with torch.no_grad():
             per_token = routing.kept.sum(-1).float()  # [G, S]

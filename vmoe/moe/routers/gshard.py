@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses import gshard_loss
-from ..routing import route_choices
-from .base import Router, RouterOutput, float32_logits, register_router
+from .base import Router, RouterOutput, register_router
 
 __all__ = ["GShardRouter"]
 
@@ -29,16 +28,13 @@ class GShardRouter(Router):
             raise ValueError(f"gshard is top-2 routing (k=2), got k={k}; use switch for k=1 or vmoe/mixtral")
         if num_experts < 2:
             raise ValueError(f"gshard needs num_experts >= 2, got {num_experts}")
-        super().__init__(num_experts, 2, capacity_factor, eval_capacity_factor, batch_priority)
-        if balance_weight < 0:
-            raise ValueError(f"balance_weight must be >= 0, got {balance_weight}")
+        super().__init__(num_experts, 2, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
+        self.check_non_negative(balance_weight=balance_weight)
         self.balance_weight = balance_weight
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, 2]."""
-        logits = float32_logits(x, self.weight)
+        logits = self.logits(x)
         gates = logits.softmax(-1)
         values, expert_index = torch.topk(gates, 2, dim=-1)
         weights = values / values.sum(-1, keepdim=True)
@@ -46,9 +42,7 @@ class GShardRouter(Router):
         if self.training:
             second = 2.0 * weights[..., 1] >= torch.rand_like(weights[..., 1])
             keep = torch.stack([torch.ones_like(second), second], dim=-1)
-        priority = weights[..., 0] if self.batch_priority else None
-        routing = route_choices(expert_index, weights, self.num_experts, self.capacity(x.shape[-2]),
-                                priority, keep)
+        routing = self.route(expert_index, weights, keep)
         balance = gshard_loss(gates)
         metrics = {"balance_loss": balance.detach()}
         if keep is not None:

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses import expert_balance_loss, z_loss
-from ..routing import route_choices
-from .base import Router, RouterOutput, float32_logits, register_router
+from .base import Router, RouterOutput, register_router
 
 __all__ = ["MixtralRouter"]
 
@@ -23,21 +22,16 @@ class MixtralRouter(Router):
     def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
                  eval_capacity_factor: float | None = None, batch_priority: bool = False,
                  balance_weight: float = 0.0, z_loss_weight: float = 0.0) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority)
-        for name, value in (("balance_weight", balance_weight), ("z_loss_weight", z_loss_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
+        self.check_non_negative(balance_weight=balance_weight, z_loss_weight=z_loss_weight)
         self.balance_weight, self.z_loss_weight = balance_weight, z_loss_weight
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K]."""
-        logits = float32_logits(x, self.weight)
+        logits = self.logits(x)
         top_logits, expert_index = torch.topk(logits, self.k, dim=-1)
         weights = top_logits.softmax(-1)
-        priority = weights[..., 0] if self.batch_priority else None
-        routing = route_choices(expert_index, weights, self.num_experts, self.capacity(x.shape[-2]), priority)
+        routing = self.route(expert_index, weights)
         aux = logits.new_zeros(())
         metrics = {}
         if self.balance_weight > 0:

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import importance_loss, noisy_top_k_load_loss
-from ..routing import route_choices
 from .base import Router, RouterOutput, float32_logits, register_router
 
 __all__ = ["ShazeerRouter"]
@@ -27,18 +26,14 @@ class ShazeerRouter(Router):
     def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
                  eval_capacity_factor: float | None = None, batch_priority: bool = False,
                  importance_weight: float = 0.1, load_weight: float = 0.1) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority)
-        for name, value in (("importance_weight", importance_weight), ("load_weight", load_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
+        self.check_non_negative(importance_weight=importance_weight, load_weight=load_weight)
         self.importance_weight, self.load_weight = importance_weight, load_weight
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K]."""
-        clean = float32_logits(x, self.weight)
+        clean = self.logits(x)
         if self.training:
             sigma = F.softplus(float32_logits(x, self.noise_weight))
             noisy = clean + torch.randn_like(clean) * sigma
@@ -46,8 +41,7 @@ class ShazeerRouter(Router):
             sigma, noisy = None, clean
         top, expert_index = torch.topk(noisy, self.k, dim=-1)
         weights = top.softmax(-1)
-        priority = weights[..., 0] if self.batch_priority else None
-        routing = route_choices(expert_index, weights, self.num_experts, self.capacity(x.shape[-2]), priority)
+        routing = self.route(expert_index, weights)
         sparse_gates = torch.zeros_like(clean).scatter(-1, expert_index, weights)  # G(x) [G, S, E]
         importance = importance_loss(sparse_gates)
         aux = self.importance_weight * importance

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses import gshard_loss, z_loss
-from ..routing import top_k_routing
-from .base import Router, RouterOutput, float32_logits, register_router
+from .base import Router, RouterOutput, register_router
 
 __all__ = ["SwitchRouter"]
 
@@ -28,23 +27,19 @@ class SwitchRouter(Router):
         if k != 1:
             raise ValueError(f"switch routes every token to exactly one expert (k=1), got k={k}; "
                              "use gshard, mixtral or vmoe for k > 1")
-        super().__init__(num_experts, 1, capacity_factor, eval_capacity_factor, batch_priority)
-        for name, value in (("balance_weight", balance_weight), ("z_loss_weight", z_loss_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        super().__init__(num_experts, 1, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
+        self.check_non_negative(balance_weight=balance_weight, z_loss_weight=z_loss_weight)
         if not 0 <= jitter_eps < 1:
             raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
         self.balance_weight, self.z_loss_weight, self.jitter_eps = balance_weight, z_loss_weight, jitter_eps
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, 1]."""
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        logits = float32_logits(x, self.weight)
+        logits = self.logits(x)
         gates = logits.softmax(-1)
-        routing = top_k_routing(gates, 1, self.capacity(x.shape[-2]), self.batch_priority)
+        routing = self.route_top_k(gates)
         balance, zl = gshard_loss(gates), z_loss(logits)
         aux = self.balance_weight * balance + self.z_loss_weight * zl
         return RouterOutput(routing, aux, {"balance_loss": balance.detach(), "z_loss": zl.detach()})

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses import importance_loss, load_loss
-from ..routing import top_k_routing
-from .base import Router, RouterOutput, float32_logits, register_router
+from .base import Router, RouterOutput, register_router
 
 __all__ = ["NoisyTopKRouter"]
 
@@ -24,22 +23,19 @@ class NoisyTopKRouter(Router):
                  eval_capacity_factor: float | None = None, batch_priority: bool = False,
                  noise_std: float = 1.0, importance_weight: float = 0.005, load_weight: float = 0.005,
                  renormalize: bool = False) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority)
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
+        self.check_non_negative(noise_std=noise_std, importance_weight=importance_weight, load_weight=load_weight)
         self.noise_std, self.importance_weight, self.load_weight = noise_std, importance_weight, load_weight
         self.renormalize = renormalize
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K]."""
-        logits = float32_logits(x, self.weight)  # [G, S, E]
+        logits = self.logits(x)  # [G, S, E]
         sigma = self.noise_std / self.num_experts
         noisy = self.training and sigma > 0
         noisy_logits = logits + torch.randn_like(logits) * sigma if noisy else logits
         gates = noisy_logits.softmax(-1)
-        routing = top_k_routing(gates, self.k, self.capacity(x.shape[-2]), self.batch_priority)
+        routing = self.route_top_k(gates)
         if self.renormalize:
             top = torch.gather(gates, -1, routing.expert_index)
             routing = routing._replace(combine_weights=routing.combine_weights / top.sum(-1, keepdim=True))
