@@ -109,10 +109,6 @@ class ExpertParallel:
         n = self.num_local_experts
         return range(self.rank * n, (self.rank + 1) * n)
 
-    def placement(self) -> list[int]:
-        """[E]: the rank (in the expert-parallel group) holding each expert; contiguous blocks."""
-        return [e // self.num_local_experts for e in range(self.num_experts)]
-
     def experts_fn(self, local_experts: nn.Module) -> Callable[[Tensor, Sequence[int]], Tensor]:
         """Wrap the local experts into the ``experts(x_sorted, counts)`` callable of ``moe_combine``."""
         return lambda x, counts: self.dispatch(x, counts, local_experts)

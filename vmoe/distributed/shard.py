@@ -26,7 +26,7 @@ __all__ = ["shard_experts", "unshard_experts", "sharded_layers", "expert_paramet
 def sharded_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(qualified name, layer) of every MoE layer whose experts are sharded."""
     for name, layer in iter_moe_layers(model):
-        if getattr(layer, "expert_parallel", None) is not None:
+        if layer.expert_parallel is not None:
             yield name, layer
 
 
@@ -49,9 +49,9 @@ def shard_experts(model: nn.Module, groups: ExpertParallelGroups, *, src: int | 
     """
     names = []
     for name, layer in iter_moe_layers(model):
-        if not hasattr(layer, "expert_parallel"):
-            raise ValueError(f"MoE layer {name!r} ({type(layer).__name__}) has no expert_parallel hook; "
-                             "expert parallelism supports MoEMlp-style layers with stacked experts")
+        if not layer.supports_expert_parallel:
+            raise ValueError(f"MoE layer {name!r} ({type(layer).__name__}) does not support expert parallelism; "
+                             "it supports MoEMlp-style layers (router + sort-based dispatch, stacked experts)")
         hook = layer.expert_parallel
         if hook is not None:
             if hook.groups != groups:

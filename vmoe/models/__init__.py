@@ -4,12 +4,14 @@ from .build import convert_to_moe, create_vmoe, mlp_config, parse_moe_layers
 from .checkpoint import check_state_dict, extract_state_dict, load_weights, read_state_dict, save_weights
 from .flops import ModelCost, flops_table, model_cost
 from .registry import UPCYCLE_FROM, VMOE_MODELS
-from .routing import aux_loss, capture_routing, moe_block_indices, moe_layers_by_block, set_routing
+from .moe_layers import (aux_loss, block_index, capture_routing, moe_block_indices, moe_layers_by_block,
+                         routing_settings, set_routing)
 from .upcycle import upcycle, upcycle_state_dict
 
 __all__ = [
     "create_vmoe", "convert_to_moe", "parse_moe_layers", "mlp_config", "upcycle", "upcycle_state_dict",
     "save_weights", "load_weights", "read_state_dict", "extract_state_dict", "check_state_dict",
-    "moe_block_indices", "moe_layers_by_block", "aux_loss", "set_routing", "capture_routing",
+    "block_index", "moe_block_indices", "moe_layers_by_block", "aux_loss", "set_routing", "routing_settings",
+    "capture_routing",
     "ModelCost", "model_cost", "flops_table", "VMOE_MODELS", "UPCYCLE_FROM",
 ]

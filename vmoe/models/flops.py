@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from ..moe import is_moe_layer
+from ..moe import MoEBlock, is_moe_layer
 from .build import create_vmoe
 
 __all__ = ["ModelCost", "model_cost", "flops_table", "report", "main"]
@@ -37,21 +37,22 @@ def _linear_flops(tokens: int, layer: nn.Linear) -> int:
     return 2 * tokens * layer.in_features * layer.out_features
 
 
-def _moe_cost(tokens: int, layer: nn.Module) -> tuple[int, int]:
+def _moe_cost(tokens: int, layer: MoEBlock) -> tuple[int, int]:
     """(forward FLOPs, parameters not active for a token) of one MoE layer."""
-    experts = getattr(layer, "experts", None)
-    if not hasattr(layer, "k") or not hasattr(experts, "fc1_weight"):
-        raise ValueError(f"FLOPs of {type(layer).__name__} are not modelled (needs k and stacked experts)")
+    k, experts = layer.experts_per_token, layer.experts
+    if k is None:
+        raise ValueError(f"FLOPs of {type(layer).__name__} are not modelled (a token uses no fixed number "
+                         "of experts)")
     num, hidden, dim = experts.fc1_weight.shape
     out = experts.fc2_weight.shape[1]
-    flops = layer.k * 2 * tokens * (dim * hidden + hidden * out)
-    router_weight = getattr(getattr(layer, "router", None), "weight", None)
+    flops = k * 2 * tokens * (dim * hidden + hidden * out)
+    router_weight = getattr(layer.router, "weight", None)
     if isinstance(router_weight, nn.Parameter):
         flops += 2 * tokens * router_weight.numel()
     # dense parts every token runs: shared experts, a residual MLP and its coefficients, linear routers
     flops += sum(_linear_flops(tokens, m) for m in layer.modules() if isinstance(m, nn.Linear))
     per_expert = sum(p.numel() for p in experts.parameters()) // num
-    return flops, (num - layer.k) * per_expert
+    return flops, (num - k) * per_expert
 
 
 def model_cost(model: nn.Module, name: str | None = None) -> ModelCost:

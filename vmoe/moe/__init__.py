@@ -1,7 +1,9 @@
 """Sparse Mixture-of-Experts layers: capacity, routing, losses, routers, experts, dispatch."""
 from . import losses
+from .block import MoEBlock
 from .build import available_routers, build_moe_mlp, is_moe_layer, iter_moe_layers
 from .capacity import compute_capacity
+from .config import MoEConfig, RoutingSettings
 from .dispatch import combine_reference, moe_combine, sort_assignments
 from .experts import StackedExperts
 from .layer import MoEMlp, routing_metrics
@@ -11,7 +13,7 @@ from .shared_experts import ResidualMLP, SharedExperts
 from .soft import SoftMoEMlp
 
 __all__ = [
-    "losses", "build_moe_mlp", "is_moe_layer", "iter_moe_layers", "compute_capacity", "combine_reference", "moe_combine", "sort_assignments", "StackedExperts",
+    "losses", "MoEBlock", "MoEConfig", "RoutingSettings", "build_moe_mlp", "is_moe_layer", "iter_moe_layers", "compute_capacity", "combine_reference", "moe_combine", "sort_assignments", "StackedExperts",
     "MoEMlp", "routing_metrics", "ROUTERS", "Router", "RouterOutput", "build_router", "register_router",
     "Routing", "top_k_routing", "available_routers", "expert_choice_routing", "route_choices", "ResidualMLP",
     "SharedExperts", "SoftMoEMlp",

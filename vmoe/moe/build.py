@@ -5,6 +5,7 @@ from typing import Iterator
 
 from torch import nn
 
+from .block import MoEBlock
 from .layer import MoEMlp
 from .routers import ROUTERS
 from .soft import SoftMoEMlp
@@ -12,7 +13,7 @@ from .soft import SoftMoEMlp
 __all__ = ["BLOCKS", "available_routers", "build_moe_mlp", "is_moe_layer", "iter_moe_layers"]
 
 # Schemes whose block is not "router + sort-based dispatch" (MoEMlp); every other name is a router.
-BLOCKS: dict[str, type[nn.Module]] = {"soft": SoftMoEMlp}
+BLOCKS: dict[str, type[MoEBlock]] = {"soft": SoftMoEMlp}
 
 
 def available_routers() -> list[str]:
@@ -20,7 +21,7 @@ def available_routers() -> list[str]:
     return sorted(set(ROUTERS) | set(BLOCKS))
 
 
-def build_moe_mlp(*, router: str = "vmoe", **kwargs) -> nn.Module:
+def build_moe_mlp(*, router: str = "vmoe", **kwargs) -> MoEBlock:
     """An MoE block taking timm Mlp arguments (in_features, hidden_features, act_layer, bias, drop)
     plus the MoE settings of :class:`MoEMlp`. ``router="soft"`` builds a :class:`SoftMoEMlp`, any
     registered router name an :class:`MoEMlp` with that router."""
@@ -32,12 +33,12 @@ def build_moe_mlp(*, router: str = "vmoe", **kwargs) -> nn.Module:
 
 
 def is_moe_layer(module: nn.Module) -> bool:
-    """True for every MoE block class: they set ``is_moe_layer = True`` and expose aux_loss, metrics,
-    last_routing, num_experts, capacity_factor, eval_capacity_factor and batch_priority."""
-    return bool(getattr(module, "is_moe_layer", False))
+    """True for every MoE block: an instance of :class:`MoEBlock` (aux_loss, metrics, last_routing,
+    num_experts, experts, routing settings)."""
+    return isinstance(module, MoEBlock)
 
 
-def iter_moe_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def iter_moe_layers(model: nn.Module) -> Iterator[tuple[str, MoEBlock]]:
     """(qualified name, module) of every MoE block in ``model``, in registration order."""
     for name, module in model.named_modules():
         if is_moe_layer(module):

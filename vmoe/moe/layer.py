@@ -6,6 +6,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .block import MoEBlock
+from .checks import check_positive_int
+from .config import RoutingSettings
 from .dispatch import combine_reference, moe_combine
 from .experts import StackedExperts
 from .routers import Router, build_router
@@ -15,7 +18,7 @@ from .shared_experts import ResidualMLP, SharedExperts, fine_grained
 __all__ = ["MoEMlp"]
 
 
-class MoEMlp(nn.Module):
+class MoEMlp(MoEBlock):
     """Sparse mixture of expert MLPs, constructed like ``timm.layers.Mlp`` plus the MoE settings.
 
     Tokens of the input [B, T, D] are split into routing groups of ``group_size`` consecutive tokens
@@ -36,7 +39,7 @@ class MoEMlp(nn.Module):
     ``residual_coefficient`` mixes the two with a learned per-token softmax (DeepSpeed's code).
     """
 
-    is_moe_layer = True
+    supports_expert_parallel = True
 
     def __init__(
         self,
@@ -65,22 +68,19 @@ class MoEMlp(nn.Module):
         residual: bool = False,
         residual_coefficient: bool = False,
     ) -> None:
-        super().__init__()
         if norm_layer is not None or use_conv:
             raise ValueError("MoEMlp supports neither norm_layer nor use_conv (timm Mlp options); got "
                              f"norm_layer={norm_layer}, use_conv={use_conv}")
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if k is not None and not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        check_positive_int("num_experts", num_experts)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts):
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k!r}")
         if num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
         if residual_coefficient and not residual:
             raise ValueError("residual_coefficient=True needs residual=True (it mixes the dense MLP and the MoE)")
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be a positive number of tokens or None, got {group_size}")
         hidden_features = hidden_features or in_features
         routed = fine_grained(router, num_experts, k, hidden_features, expert_granularity)
+        super().__init__(in_features, routed.num_experts, group_size)
         common = dict(k=routed.k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                       noise_std=noise_std, importance_weight=importance_weight, load_weight=load_weight)
         common = {name: value for name, value in common.items() if value is not None}
@@ -89,8 +89,7 @@ class MoEMlp(nn.Module):
             raise ValueError(f"{clash} given both as MoEMlp arguments and in router_kwargs; give each once")
         self.router: Router = build_router(router, dim=in_features, num_experts=routed.num_experts,
                                            batch_priority=batch_priority, **common, **(router_kwargs or {}))
-        self.in_features, self.group_size = in_features, group_size
-        self.num_experts, self.k, self.expert_granularity = routed.num_experts, self.router.k, expert_granularity
+        self.k, self.expert_granularity = self.router.k, expert_granularity
         self.experts = StackedExperts(routed.num_experts, in_features, routed.hidden_features, out_features,
                                       act_layer, bias, drop)
         self.shared_experts = SharedExperts(num_shared_experts, in_features, routed.hidden_features,
@@ -99,36 +98,27 @@ class MoEMlp(nn.Module):
                                     residual_coefficient) if residual else None
         self._router_takes_seq_len = bool(getattr(self.router, "uses_sequence_length", False))
         self.use_reference = False
-        # Set by vmoe.distributed.shard_experts: experts sharded over ranks, tokens sent by all-to-all.
-        self.expert_parallel = None
-        self.aux_loss: Tensor = torch.zeros(())
-        self.metrics: dict[str, Tensor] = {}
-        self.last_routing: Routing | None = None
-
-    # Routing settings live on the router; these make them reachable from the block.
-    @property
-    def capacity_factor(self) -> float:
-        return self.router.capacity_factor
-
-    @capacity_factor.setter
-    def capacity_factor(self, value: float) -> None:
-        self.router.capacity_factor = value
 
     @property
-    def eval_capacity_factor(self) -> float:
-        return self.router.eval_capacity_factor
+    def experts_per_token(self) -> int:
+        return self.k
 
-    @eval_capacity_factor.setter
-    def eval_capacity_factor(self, value: float | None) -> None:
-        self.router.eval_capacity_factor = value
-
+    # Routing settings live on the router; the block reads and writes them as one RoutingSettings.
     @property
-    def batch_priority(self) -> bool:
-        return self.router.batch_priority
+    def routing(self) -> RoutingSettings:
+        r = self.router
+        return RoutingSettings(r.capacity_factor, r.eval_capacity_factor_setting, r.batch_priority)
 
-    @batch_priority.setter
-    def batch_priority(self, value: bool) -> None:
-        self.router.batch_priority = bool(value)
+    @routing.setter
+    def routing(self, settings: RoutingSettings) -> None:
+        if settings.capacity_factor is None:
+            raise ValueError(f"capacity_factor must be > 0 for router {type(self.router).__name__}, got None")
+        self.router.batch_priority = settings.batch_priority  # the one a scheme may refuse: first
+        self.router.capacity_factor = settings.capacity_factor
+        self.router.eval_capacity_factor = settings.eval_capacity_factor
+
+    def capacity(self, group_size: int, training: bool | None = None) -> int:
+        return self.router.capacity(group_size, training)
 
     def _groups(self, x: Tensor) -> Tensor:
         if x.dim() != 3:

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .block import MoEBlock
+from .config import RoutingSettings
 from .experts import StackedExperts
 from .routing import Routing
 
 __all__ = ["SoftMoEMlp"]
 
 
-class SoftMoEMlp(nn.Module):
+class SoftMoEMlp(MoEBlock):
     """Soft MoE block, constructed like :class:`vmoe.moe.MoEMlp` (``build_moe_mlp(router="soft", ...)``).
 
     Each routing group of S tokens (default: one image, S = T) is mixed into E*p slots, p =
@@ -32,8 +34,6 @@ class SoftMoEMlp(nn.Module):
     Not used by this scheme (ValueError when set): k, capacity_factor, eval_capacity_factor,
     batch_priority, noise_std, importance_weight, load_weight and the expert-structure options.
     """
-
-    is_moe_layer = True
 
     def __init__(
         self,
@@ -52,7 +52,6 @@ class SoftMoEMlp(nn.Module):
         router_kwargs: dict[str, Any] | None = None,
         **unused: Any,
     ) -> None:
-        super().__init__()
         if norm_layer is not None or use_conv:
             raise ValueError("SoftMoEMlp supports neither norm_layer nor use_conv (timm Mlp options); got "
                              f"norm_layer={norm_layer}, use_conv={use_conv}")
@@ -70,49 +69,27 @@ class SoftMoEMlp(nn.Module):
         if kwargs:
             raise ValueError(f"soft MoE router_kwargs does not take {sorted(kwargs)}; valid: "
                              "['normalize', 'slots_per_expert']")
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
             raise ValueError(f"slots_per_expert must be an int >= 1, got {slots_per_expert!r}")
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be a positive number of tokens or None, got {group_size}")
+        super().__init__(in_features, num_experts, group_size)
         hidden_features = hidden_features or in_features
-        self.in_features, self.num_experts, self.slots_per_expert = in_features, num_experts, slots_per_expert
-        self.group_size, self.normalize = group_size, bool(normalize)
+        self.slots_per_expert, self.normalize = slots_per_expert, bool(normalize)
         self.phi = nn.Parameter(torch.randn(in_features, num_experts * slots_per_expert) / math.sqrt(in_features))
         self.scale = nn.Parameter(torch.ones(())) if self.normalize else None
         self.experts = StackedExperts(num_experts, in_features, hidden_features, out_features, act_layer,
                                       bias, drop)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.metrics: dict[str, Tensor] = {}
-        self.last_routing: Routing | None = None
 
-    # The MoE-block routing settings: soft MoE has none, so only their "off" values are accepted.
+    # Soft MoE has no routing settings, so only their "off" values are accepted.
     @property
-    def capacity_factor(self) -> None:
-        return None
+    def routing(self) -> RoutingSettings:
+        return RoutingSettings()
 
-    @capacity_factor.setter
-    def capacity_factor(self, value: float | None) -> None:
-        if value is not None:
-            raise ValueError(f"soft MoE has no capacity (nothing is dropped); got capacity_factor={value}")
-
-    @property
-    def eval_capacity_factor(self) -> None:
-        return None
-
-    @eval_capacity_factor.setter
-    def eval_capacity_factor(self, value: float | None) -> None:
-        if value is not None:
-            raise ValueError(f"soft MoE has no capacity (nothing is dropped); got eval_capacity_factor={value}")
-
-    @property
-    def batch_priority(self) -> bool:
-        return False
-
-    @batch_priority.setter
-    def batch_priority(self, value: bool) -> None:
-        if value:
+    @routing.setter
+    def routing(self, settings: RoutingSettings) -> None:
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(settings, name) is not None:
+                raise ValueError(f"soft MoE has no capacity (nothing is dropped); got {name}={getattr(settings, name)}")
+        if settings.batch_priority:
             raise ValueError("soft MoE drops nothing, so it has no batch priority; got batch_priority=True")
 
     def _logits(self, x: Tensor) -> Tensor:

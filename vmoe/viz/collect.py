@@ -1,30 +1,27 @@
 """Run a V-MoE on images and collect what the pictures need: routings, loads, class-expert counts.
 
 Works on any timm VisionTransformer whose ``blocks[i].mlp`` are MoE layers (``is_moe_layer``). The
-routing settings (eval capacity factor, BPR) are changed only inside :func:`routing_settings` and put
+routing settings (eval capacity factor, BPR) are changed only inside
+:func:`vmoe.models.routing_settings` and put
 back afterwards, so these helpers can run on a model that is still training.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..models import capture_routing, moe_layers_by_block
-from ..moe import compute_capacity
+from ..models import capture_routing, moe_layers_by_block, routing_settings
+from ..moe import MoEBlock
 from ..moe.routing import Routing
 from .status import class_expert_counts, expert_load
 
 __all__ = ["moe_blocks", "patch_layout", "routing_settings", "route", "layer_capacity",
            "loads_and_capacity", "RoutingStats", "collect_routing_stats"]
 
-_UNSET = object()
-
-
-def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
+def moe_blocks(model: nn.Module) -> dict[int, MoEBlock]:
     """{block index: MoE layer} of a timm ViT; ValueError when there is none to picture."""
     found = moe_layers_by_block(model)
     if not found:
@@ -41,30 +38,6 @@ def patch_layout(model: nn.Module) -> tuple[tuple[int, int], int]:
     gh, gw = (int(g) for g in embed.grid_size)
     return (gh, gw), int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None
                                  else 0))
-
-
-@contextlib.contextmanager
-def routing_settings(model: nn.Module, *, eval_capacity_factor: float | None = None,
-                     batch_priority: bool | None = None) -> Iterator[None]:
-    """Temporarily set the eval capacity factor and/or BPR of every MoE layer (None leaves it)."""
-    layers = list(moe_blocks(model).values())
-    saved = []
-    for layer in layers:
-        router = getattr(layer, "router", None)
-        # The router keeps "None = follow the training factor"; restore exactly that when we can see it.
-        raw = getattr(router, "_eval_capacity_factor", _UNSET)
-        saved.append((layer.eval_capacity_factor if raw is _UNSET else raw, layer.batch_priority))
-    try:
-        for layer in layers:
-            if eval_capacity_factor is not None:
-                layer.eval_capacity_factor = eval_capacity_factor
-            if batch_priority is not None:
-                layer.batch_priority = batch_priority
-        yield
-    finally:
-        for layer, (cf, bp) in zip(layers, saved):
-            layer.eval_capacity_factor = cf
-            layer.batch_priority = bp
 
 
 @torch.inference_mode()
@@ -88,15 +61,13 @@ def route(model: nn.Module, images: Tensor, *, eval_capacity_factor: float | Non
     return logits, {i: Routing(*(t.detach().cpu() for t in r)) for i, r in sorted(routings.items())}
 
 
-def layer_capacity(layer: nn.Module, batch_size: int, num_tokens: int) -> int:
+def layer_capacity(layer: MoEBlock, batch_size: int, num_tokens: int) -> int:
     """Slots per expert summed over the routing groups of an eval forward of [batch_size, num_tokens]."""
     n = batch_size * num_tokens
-    group = getattr(layer, "group_size", None) or n
-    router = getattr(layer, "router", None)
-    if router is not None and hasattr(router, "capacity") and not router.training:
-        per_group = router.capacity(group)
-    else:
-        per_group = compute_capacity(group * layer.k, layer.num_experts, layer.eval_capacity_factor)
+    group = layer.group_size or n
+    per_group = layer.capacity(group, training=False)
+    if per_group is None:
+        raise ValueError(f"{type(layer).__name__} has no capacity (it drops nothing)")
     return per_group * (n // group)
 
 

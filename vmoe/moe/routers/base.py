@@ -83,9 +83,11 @@ class Router(nn.Module):
         """The eval factor as set: None means "follow capacity_factor" (what a restore must put back)."""
         return self._eval_capacity_factor
 
-    def capacity(self, group_size: int) -> int:
-        """Slots per expert for a group of ``group_size`` tokens at the current mode's factor."""
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+    def capacity(self, group_size: int, training: bool | None = None) -> int:
+        """Slots per expert for a group of ``group_size`` tokens at the factor of training (True), eval
+        (False) or the router's current mode (None)."""
+        training = self.training if training is None else training
+        factor = self.capacity_factor if training else self.eval_capacity_factor
         return compute_capacity(group_size * self.k, self.num_experts, factor)
 
     def logits(self, x: Tensor) -> Tensor:

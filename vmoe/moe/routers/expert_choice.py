@@ -39,9 +39,10 @@ class ExpertChoiceRouter(Router):
         if value:
             raise ValueError("expert_choice has no batch priority; got batch_priority=True")
 
-    def capacity(self, group_size: int) -> int:
+    def capacity(self, group_size: int, training: bool | None = None) -> int:
         """C = min(S, ceil(S * c / E)): tokens each expert takes from a group of S."""
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        training = self.training if training is None else training
+        factor = self.capacity_factor if training else self.eval_capacity_factor
         return max(1, min(group_size, math.ceil(group_size * factor / self.num_experts)))
 
     def forward(self, x: Tensor) -> RouterOutput:

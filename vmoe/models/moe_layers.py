@@ -1,0 +1,128 @@
+"""Model-level MoE helpers: where the MoE blocks are, their summed loss, routing settings, routing capture.
+
+Routing settings change in one way: each block's ``routing`` (a :class:`vmoe.moe.RoutingSettings`) is
+read, changed with ``replace`` and written back. :func:`set_routing` does that for every block,
+:func:`routing_settings` does it for the duration of a ``with`` and puts the exact old settings back.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..moe import MoEBlock, Routing, iter_moe_layers
+
+__all__ = ["block_index", "moe_layers_by_block", "moe_block_indices", "aux_loss", "set_routing",
+           "routing_settings", "capture_routing"]
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """i of a module named "blocks.<i>..." (also under a wrapper prefix such as DDP's "module."), else None."""
+    match = _BLOCK.search(name + ".")
+    return None if match is None else int(match.group(1))
+
+
+def moe_layers_by_block(model: nn.Module) -> dict[int, MoEBlock]:
+    """{block index: MoE layer} for every MoE layer under ``blocks.<i>.`` (wrappers such as DDP's
+    "module." prefix are fine). Raises ValueError for an MoE layer outside the blocks."""
+    found: dict[int, MoEBlock] = {}
+    for name, layer in iter_moe_layers(model):
+        index = block_index(name)
+        if index is None:
+            raise ValueError(f"MoE layer {name!r} is not inside a `blocks.<i>` module")
+        found[index] = layer
+    return found
+
+
+def moe_block_indices(model: nn.Module) -> list[int]:
+    """Sorted indices of the blocks whose MLP is an MoE layer."""
+    return sorted(moe_layers_by_block(model))
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the weighted auxiliary losses of every MoE layer from its latest forward (in the graph).
+
+    A model without MoE layers gives a 0 scalar."""
+    losses = [layer.aux_loss for _, layer in iter_moe_layers(model)]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
+
+
+def _moe_layers(model: nn.Module, action: str) -> list[MoEBlock]:
+    layers = [layer for _, layer in iter_moe_layers(model)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers to {action}")
+    return layers
+
+
+def set_routing(model: nn.Module, *, capacity_factor: float | None = None,
+                eval_capacity_factor: float | None = None, batch_priority: bool | None = None) -> int:
+    """Change routing settings on every MoE layer of a (trained) model without touching weights.
+
+    None leaves a setting as it is. The values are checked before any layer changes. Returns the number
+    of MoE layers changed; raises ValueError when the model has none (the call would otherwise do nothing).
+    """
+    changes: dict[str, Any] = dict(capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                                   batch_priority=batch_priority)
+    changes = {name: value for name, value in changes.items() if value is not None}
+    layers = _moe_layers(model, "set routing on")
+    new = [layer.routing.replace(**changes) for layer in layers]  # validates before anything changes
+    for layer, settings in zip(layers, new):
+        layer.routing = settings
+    return len(layers)
+
+
+@contextlib.contextmanager
+def routing_settings(model: nn.Module, *, capacity_factor: float | None = None,
+                     eval_capacity_factor: float | None = None, batch_priority: bool | None = None
+                     ) -> Iterator[None]:
+    """:func:`set_routing` inside the ``with``; every layer's exact settings are put back on exit (an eval
+    factor that followed the training one follows it again), also after an exception."""
+    layers = _moe_layers(model, "set routing on")
+    saved = [layer.routing for layer in layers]
+    try:
+        set_routing(model, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                    batch_priority=batch_priority)
+        yield
+    finally:
+        for layer, settings in zip(layers, saved):
+            layer.routing = settings
+
+
+def _detached(routing: Routing) -> Routing:
+    return Routing(*(t.detach() for t in routing))
+
+
+@contextlib.contextmanager
+def capture_routing(model: nn.Module) -> Iterator[dict[int, Routing]]:
+    """Record the routing of every MoE block during the forwards inside the ``with``.
+
+    Yields a dict {block index: Routing} of detached tensors shaped [B, T, K] (expert_index,
+    slot_index with -1 = dropped, combine_weights), overwritten by each forward so it holds the latest.
+    The hooks are removed on exit, also after an exception.
+    """
+    layers = moe_layers_by_block(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers whose routing could be captured")
+    captured: dict[int, Routing] = {}
+
+    def hook_for(index: int):
+        def hook(module: nn.Module, args, output) -> None:
+            if module.last_routing is None:
+                raise RuntimeError(f"MoE layer of block {index} set no last_routing in its forward")
+            captured[index] = _detached(module.last_routing)
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(index)) for index, layer in layers.items()]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
