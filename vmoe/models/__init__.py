@@ -1,12 +1,12 @@
 """timm integration: V-MoE models from timm ViTs, registry names, upcycling, checkpoints, routing helpers."""
 from . import registry  # noqa: F401  (registers the vmoe_* names with timm)
-from .build import convert_to_moe, create_vmoe, mlp_config, parse_moe_layers
+from .build import convert_to_moe, create_vmoe, mlp_config, parse_moe_layers, upcycle
 from .checkpoint import check_state_dict, extract_state_dict, load_weights, read_state_dict, save_weights
 from .flops import ModelCost, flops_table, model_cost
 from .registry import UPCYCLE_FROM, VMOE_MODELS
 from .moe_layers import (aux_loss, block_index, capture_routing, moe_block_indices, moe_layers_by_block,
                          routing_settings, set_routing)
-from .upcycle import upcycle, upcycle_state_dict
+from .upcycle import upcycle_state_dict
 
 __all__ = [
     "create_vmoe", "convert_to_moe", "parse_moe_layers", "mlp_config", "upcycle", "upcycle_state_dict",

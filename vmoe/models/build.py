@@ -1,23 +1,26 @@
-"""Build a V-MoE from a timm ViT: choose the MoE blocks (SPEC 4) and swap their dense MLPs for MoE blocks."""
+"""Build a V-MoE from a timm ViT: choose the MoE blocks, swap their dense MLPs for MoE blocks, and start
+the weights from scratch, from a checkpoint or by upcycling a dense ViT (see docs/design.md)."""
 from __future__ import annotations
 
 import copy
 import functools
 import os
 import re
+from pathlib import Path
 from typing import Any, Sequence
 
 import timm
+import torch
 from timm.layers import Mlp
 from torch import nn
 
-from ..moe import build_moe_mlp
+from ..moe import MoEConfig, build_moe_mlp
+from .checkpoint import load_weights, read_state_dict
+from .upcycle import upcycle_state_dict
 
-__all__ = ["parse_moe_layers", "mlp_config", "convert_to_moe", "create_vmoe"]
+__all__ = ["parse_moe_layers", "mlp_config", "convert_to_moe", "create_vmoe", "upcycle"]
 
-# create_vmoe's own MoE arguments; moe_kwargs must not repeat them.
-_MOE_ARGS = ("num_experts", "k", "capacity_factor", "eval_capacity_factor", "batch_priority", "noise_std",
-             "group_size", "router")
+_CKPT_SUFFIXES = {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
 
 
 def _placement_help(depth: int) -> str:
@@ -85,110 +88,157 @@ def mlp_config(mlp: nn.Module) -> dict[str, Any]:
                 out_features=mlp.fc2.out_features, act_layer=_act_layer(mlp.act), bias=has_bias[0], drop=drops[0])
 
 
-def convert_to_moe(
-    model: nn.Module,
-    *,
-    moe_layers: str | Sequence[int] = "every-2",
-    num_experts: int | Sequence[int] = 8,
-    k: int | None = None,
-    capacity_factor: float | None = None,
-    eval_capacity_factor: float | None = None,
-    batch_priority: bool = False,
-    noise_std: float | None = None,
-    group_size: int | None = None,
-    router: str = "vmoe",
-    moe_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
+def _config(moe: MoEConfig | None, settings: dict[str, Any]) -> MoEConfig:
+    """``moe`` with keyword ``settings`` (MoEConfig field names) on top; settings alone make a new one."""
+    unknown = sorted(set(settings) - set(MoEConfig.field_names()))
+    if unknown:
+        raise TypeError(f"unknown MoE settings {unknown}; valid: {list(MoEConfig.field_names())}")
+    if moe is None:
+        return MoEConfig(**settings)
+    return moe.replace(**settings) if settings else moe
+
+
+def convert_to_moe(model: nn.Module, moe: MoEConfig | None = None, **settings: Any) -> nn.Module:
     """Replace ``model.blocks[i].mlp`` by a freshly initialised MoE block for each chosen block, in place.
 
-    ``num_experts`` is one count for every MoE block or a list with one count per MoE block (in block
-    order), e.g. a pyramid. k, capacity_factor, eval_capacity_factor, noise_std, group_size: None = the
-    router's default (for "vmoe": K=2, 1.05, same as training, 1.0, whole batch). Returns ``model``.
-    Weights of the new blocks are random; see :func:`vmoe.models.upcycle_state_dict` to start them from
-    the dense MLPs.
+    ``moe``: a :class:`vmoe.moe.MoEConfig`; keyword ``settings`` are its fields (moe_layers, num_experts,
+    k, capacity_factor, eval_capacity_factor, batch_priority, noise_std, group_size, router, moe_kwargs)
+    and override it. ``num_experts`` is one count for every MoE block or a list with one count per MoE
+    block (in block order), e.g. a pyramid. None = the router's default (for "vmoe": K=2, 1.05, same as
+    training, 1.0, whole batch). Returns ``model``. Weights of the new blocks are random; see
+    :func:`vmoe.models.upcycle_state_dict` to start them from the dense MLPs.
     """
+    moe = _config(moe, settings)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList):
         raise ValueError(f"expected a timm ViT with a `blocks` sequence, got {type(model).__name__}")
-    indices = parse_moe_layers(moe_layers, len(blocks))
-    if isinstance(num_experts, int) and not isinstance(num_experts, bool):
-        counts = [num_experts] * len(indices)
-    elif isinstance(num_experts, (list, tuple)) and len(num_experts) == len(indices):
-        counts = list(num_experts)
-    else:
-        raise ValueError(f"num_experts={num_experts!r} must be an int or a list with one count per MoE block "
-                         f"({len(indices)} blocks: {indices})")
-    extra = dict(moe_kwargs or {})
-    clash = sorted(set(extra) & set(_MOE_ARGS + ("in_features", "hidden_features", "out_features",
-                                                  "act_layer", "bias", "drop")))
-    if clash:
-        raise ValueError(f"moe_kwargs repeats arguments set elsewhere: {clash}; pass them directly")
-    # None = the router's own default (vmoe: k=2, capacity_factor=1.05, noise_std=1.0); schemes such as
-    # expert_choice or soft reject settings they do not use, so unset ones are not passed at all.
-    optional = {name: value for name, value in dict(k=k, capacity_factor=capacity_factor,
-                                                    eval_capacity_factor=eval_capacity_factor,
-                                                    noise_std=noise_std, group_size=group_size).items()
-                if value is not None}
-    if batch_priority:
-        optional["batch_priority"] = True
+    indices = parse_moe_layers(moe.moe_layers, len(blocks))
+    try:
+        counts = moe.experts_per_layer(len(indices))
+    except ValueError as err:
+        raise ValueError(f"{err}: MoE blocks {indices}") from None
     for index, count in zip(indices, counts):
         block = blocks[index]
         ref = block.mlp.fc1.weight if isinstance(getattr(block.mlp, "fc1", None), nn.Linear) else None
-        moe = build_moe_mlp(router=router, **mlp_config(block.mlp), num_experts=count, **optional, **extra)
+        layer = build_moe_mlp(**mlp_config(block.mlp), **moe.block_kwargs(count))
         # the new block lives where the dense one did (GPU, bf16 or meta models stay uniform)
-        block.mlp = moe.to(device=ref.device, dtype=ref.dtype) if ref is not None else moe
+        block.mlp = layer.to(device=ref.device, dtype=ref.dtype) if ref is not None else layer
     return model
+
+
+def _load_starting_weights(model: nn.Module, checkpoint_path: str | os.PathLike,
+                           upcycle_kwargs: dict[str, Any] | None) -> None:
+    """V-MoE weights (with expert tensors) load strictly; dense ViT weights are upcycled."""
+    state = read_state_dict(checkpoint_path)
+    if any(".experts." in key for key in state):
+        if upcycle_kwargs:
+            raise ValueError(f"upcycle_kwargs given but {os.fspath(checkpoint_path)!r} already holds "
+                             "V-MoE weights (expert tensors); nothing is upcycled")
+        load_weights(model, state)
+    else:
+        model.load_state_dict(upcycle_state_dict(state, model, **(upcycle_kwargs or {})))
 
 
 def create_vmoe(
     backbone: str = "vit_small_patch16_224",
+    moe: MoEConfig | None = None,
     *,
-    moe_layers: str | Sequence[int] = "every-2",
-    num_experts: int | Sequence[int] = 8,
-    k: int | None = None,
-    capacity_factor: float | None = None,
-    eval_capacity_factor: float | None = None,
-    batch_priority: bool = False,
-    noise_std: float | None = None,
-    group_size: int | None = None,
-    router: str = "vmoe",
-    moe_kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
     upcycle_kwargs: dict[str, Any] | None = None,
-    **timm_kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
-    """A timm VisionTransformer (``backbone`` + ``timm_kwargs``: img_size, patch_size, in_chans,
-    num_classes, depth, embed_dim, num_heads, ...) whose chosen blocks have MoE MLPs.
+    """A timm VisionTransformer (``backbone`` + timm kwargs: img_size, patch_size, in_chans, num_classes,
+    depth, embed_dim, num_heads, ...) whose chosen blocks have MoE MLPs.
 
+    The MoE settings come as ``moe`` (a :class:`vmoe.moe.MoEConfig`) and/or as keywords named like its
+    fields (moe_layers="every-2", num_experts=8, k, capacity_factor, eval_capacity_factor,
+    batch_priority, noise_std, group_size, router="vmoe", moe_kwargs), which override it.
     pretrained=True: timm loads the backbone's dense pretrained weights (its hub loading, resampling the
     position embeddings and resetting the head as usual) and the model is upcycled from them.
     checkpoint_path: a weights file (.safetensors/.pth/.pt/.bin/.ckpt). V-MoE weights (with expert
     tensors) load strictly; dense ViT weights are upcycled. ``upcycle_kwargs`` (expert_noise,
     router_init_std) tune upcycling. Input x: [B, C, H, W] -> logits [B, num_classes].
     """
-    from .checkpoint import load_weights, read_state_dict
-    from .upcycle import upcycle_state_dict
-
     if pretrained and checkpoint_path is not None:
         raise ValueError("pass either pretrained=True (timm's dense weights) or checkpoint_path, not both")
-    moe = dict(moe_layers=moe_layers, num_experts=num_experts, k=k, capacity_factor=capacity_factor,
-               eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority, noise_std=noise_std,
-               group_size=group_size, router=router, moe_kwargs=moe_kwargs)
-    model = timm.create_model(backbone, pretrained=pretrained, **timm_kwargs)
+    settings = {key: kwargs.pop(key) for key in list(kwargs) if key in MoEConfig.field_names()}
+    moe = _config(moe, settings)  # checked before timm builds anything
+    model = timm.create_model(backbone, pretrained=pretrained, **kwargs)
     dense_state = model.state_dict() if pretrained else None  # holds the dense MLP tensors across the swap
-    convert_to_moe(model, **moe)
+    convert_to_moe(model, moe)
     if dense_state is not None:
         model.load_state_dict(upcycle_state_dict(dense_state, model, **(upcycle_kwargs or {})))
     elif checkpoint_path is not None:
-        state = read_state_dict(checkpoint_path)
-        if any(".experts." in key for key in state):
-            if upcycle_kwargs:
-                raise ValueError(f"upcycle_kwargs given but {os.fspath(checkpoint_path)!r} already holds "
-                                 "V-MoE weights (expert tensors); nothing is upcycled")
-            load_weights(model, state)
-        else:
-            model.load_state_dict(upcycle_state_dict(state, model, **(upcycle_kwargs or {})))
+        _load_starting_weights(model, checkpoint_path, upcycle_kwargs)
     elif upcycle_kwargs:
         raise ValueError("upcycle_kwargs needs pretrained=True or a dense checkpoint_path to upcycle from")
     return model
+
+
+def _is_checkpoint_path(source: Any) -> bool:
+    if isinstance(source, os.PathLike):
+        return True
+    return isinstance(source, str) and (Path(source).suffix in _CKPT_SUFFIXES or Path(source).is_file())
+
+
+def _upcycle_instance(source: nn.Module, backbone: str | None, kwargs: dict[str, Any],
+                      up: dict[str, Any]) -> nn.Module:
+    settings = {key: kwargs.pop(key) for key in list(kwargs) if key in MoEConfig.field_names()}
+    moe = _config(kwargs.pop("moe", None), settings)
+    other = sorted(set(kwargs) - {"img_size", "num_classes"})
+    if other or backbone is not None:
+        raise ValueError(f"upcycling a model instance can change only img_size and num_classes; got "
+                         f"{other + (['backbone'] if backbone is not None else [])} (to change the "
+                         "architecture, save the dense weights and upcycle the file with a backbone name)")
+    dense_state = source.state_dict()
+    model = copy.deepcopy(source)
+    if "img_size" in kwargs:
+        model.set_input_size(img_size=kwargs["img_size"])
+    if "num_classes" in kwargs:
+        model.reset_classifier(kwargs["num_classes"])
+    convert_to_moe(model, moe)
+    model.load_state_dict(upcycle_state_dict(dense_state, model, **up))
+    return model
+
+
+def upcycle(
+    source: str | os.PathLike | nn.Module,
+    backbone: str | None = None,
+    *,
+    expert_noise: float = 0.0,
+    router_init_std: float = 0.01,
+    generator: torch.Generator | None = None,
+    weights_only: bool = True,
+    **kwargs,
+) -> nn.Module:
+    """A V-MoE upcycled from a dense ViT given as
+
+    - a timm pretrained name ("vit_small_patch16_224.augreg_in21k_ft_in1k"): timm downloads/loads it;
+    - a checkpoint file (.safetensors, .pth/.pt/.bin, timm or Lightning .ckpt) with ``backbone`` naming
+      the timm architecture it was saved from;
+    - a dense timm VisionTransformer instance (left unchanged; the V-MoE is a modified copy).
+
+    ``kwargs``: :func:`create_vmoe` arguments (moe, moe_layers, num_experts, k, ...) and timm kwargs
+    (img_size, num_classes, ...; for an instance only img_size and num_classes can change).
+    """
+    up = dict(expert_noise=expert_noise, router_init_std=router_init_std, generator=generator)
+    if isinstance(source, nn.Module):
+        return _upcycle_instance(source, backbone, kwargs, up)
+    if _is_checkpoint_path(source):
+        if backbone is None:
+            raise ValueError(f"upcycling the file {os.fspath(source)!r} needs backbone=<the timm architecture "
+                             "it was saved from>, e.g. backbone='vit_small_patch16_224'")
+        state = read_state_dict(source, weights_only=weights_only)
+        model = create_vmoe(backbone, **kwargs)
+        model.load_state_dict(upcycle_state_dict(state, model, **up))
+        return model
+    if not isinstance(source, str):
+        raise ValueError(f"source must be a timm model name, a checkpoint path or an nn.Module, got "
+                         f"{type(source).__name__}")
+    if backbone is not None and backbone != source:
+        raise ValueError(f"source={source!r} is a timm name; backbone={backbone!r} would contradict it")
+    arch = source.split(".")[0]
+    if not (timm.is_model(arch) or source.startswith(("hf-hub:", "hf_hub:", "local-dir:"))):
+        raise ValueError(f"{source!r} is neither an existing checkpoint file nor a timm model name")
+    return create_vmoe(source, pretrained=True, upcycle_kwargs=up, **kwargs)

@@ -15,13 +15,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..moe import MoEConfig
 from .build import convert_to_moe
 from .upcycle import upcycle_state_dict
 
 __all__ = ["VMOE_MODELS", "UPCYCLE_FROM"]
 
-_MOE_ARG_NAMES = ("moe_layers", "num_experts", "k", "capacity_factor", "eval_capacity_factor", "batch_priority",
-                  "noise_std", "group_size", "router", "moe_kwargs")
 _TAG = "augreg_in21k_ft_in1k"
 
 # name -> (ViT architecture args, MoE defaults, timm dense weights it upcycles from); K=2 is the vmoe
@@ -56,9 +55,9 @@ def _cfg(dense: str) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({f"{name}.{_TAG}": _cfg(dense) for name, dense in UPCYCLE_FROM.items()})
 
 
-def _vit_moe(moe: dict[str, Any], **vit_kwargs) -> nn.Module:
+def _vit_moe(moe: MoEConfig, **vit_kwargs) -> nn.Module:
     model = VisionTransformer(**vit_kwargs)
-    return convert_to_moe(model, **moe)
+    return convert_to_moe(model, moe)
 
 
 def _upcycle_filter(state_dict: dict, model: nn.Module, upcycle_kwargs: dict[str, Any]) -> dict:
@@ -71,7 +70,7 @@ def _upcycle_filter(state_dict: dict, model: nn.Module, upcycle_kwargs: dict[str
 def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     vit_args, moe_defaults, _ = VMOE_MODELS[variant]
     upcycle_kwargs = {key: kwargs.pop(key) for key in ("expert_noise", "router_init_std") if key in kwargs}
-    moe = {**moe_defaults, **{key: kwargs.pop(key) for key in _MOE_ARG_NAMES if key in kwargs}}
+    moe, kwargs = MoEConfig.split(kwargs, defaults=moe_defaults)
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         functools.partial(_vit_moe, moe), variant, pretrained,

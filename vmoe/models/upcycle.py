@@ -7,31 +7,24 @@ when the class count differs.
 """
 from __future__ import annotations
 
-import copy
 import logging
-import os
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
-import timm
 import torch
 from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
 from ..moe import iter_moe_layers
-from .checkpoint import extract_state_dict, read_state_dict
+from .checkpoint import extract_state_dict
 
-__all__ = ["upcycle_state_dict", "upcycle", "EXPERT_FROM_DENSE"]
+__all__ = ["upcycle_state_dict", "EXPERT_FROM_DENSE"]
 
 _log = logging.getLogger(__name__)
 # Stacked expert tensor name -> dense timm Mlp tensor it copies (SPEC 6: nn.Linear layout per expert).
 EXPERT_FROM_DENSE = {"experts.fc1_weight": "fc1.weight", "experts.fc1_bias": "fc1.bias",
                      "experts.fc2_weight": "fc2.weight", "experts.fc2_bias": "fc2.bias"}
 _RESIDUAL = "residual.mlp."  # DeepSpeed-MoE residual block: a dense Mlp beside the experts
-_CKPT_SUFFIXES = {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
-_MOE_ARG_NAMES = {"moe_layers", "num_experts", "k", "capacity_factor", "eval_capacity_factor", "batch_priority",
-                  "noise_std", "group_size", "router", "moe_kwargs"}
 
 
 def _classifier_keys(model: nn.Module) -> set[str]:
@@ -136,67 +129,3 @@ def upcycle_state_dict(
             + ["  (is the dense model the same architecture as the V-MoE backbone? V-MoE weights load with "
                "vmoe.models.load_weights)"]))
     return out
-
-
-def _is_checkpoint_path(source: Any) -> bool:
-    if isinstance(source, os.PathLike):
-        return True
-    return isinstance(source, str) and (Path(source).suffix in _CKPT_SUFFIXES or Path(source).is_file())
-
-
-def upcycle(
-    source: str | os.PathLike | nn.Module,
-    backbone: str | None = None,
-    *,
-    expert_noise: float = 0.0,
-    router_init_std: float = 0.01,
-    generator: torch.Generator | None = None,
-    weights_only: bool = True,
-    **kwargs,
-) -> nn.Module:
-    """A V-MoE upcycled from a dense ViT given as
-
-    - a timm pretrained name ("vit_small_patch16_224.augreg_in21k_ft_in1k"): timm downloads/loads it;
-    - a checkpoint file (.safetensors, .pth/.pt/.bin, timm or Lightning .ckpt) with ``backbone`` naming
-      the timm architecture it was saved from;
-    - a dense timm VisionTransformer instance (left unchanged; the V-MoE is a modified copy).
-
-    ``kwargs``: :func:`create_vmoe` arguments (moe_layers, num_experts, k, ...) and timm kwargs
-    (img_size, num_classes, ...; for an instance only img_size and num_classes can change).
-    """
-    from .build import convert_to_moe, create_vmoe
-
-    up = dict(expert_noise=expert_noise, router_init_std=router_init_std, generator=generator)
-    if isinstance(source, nn.Module):
-        moe_args = {key: kwargs.pop(key) for key in list(kwargs) if key in _MOE_ARG_NAMES}
-        other = sorted(set(kwargs) - {"img_size", "num_classes"})
-        if other or backbone is not None:
-            raise ValueError(f"upcycling a model instance can change only img_size and num_classes; got "
-                             f"{other + (['backbone'] if backbone is not None else [])} (to change the "
-                             "architecture, save the dense weights and upcycle the file with a backbone name)")
-        dense_state = source.state_dict()
-        model = copy.deepcopy(source)
-        if "img_size" in kwargs:
-            model.set_input_size(img_size=kwargs["img_size"])
-        if "num_classes" in kwargs:
-            model.reset_classifier(kwargs["num_classes"])
-        convert_to_moe(model, **moe_args)
-        model.load_state_dict(upcycle_state_dict(dense_state, model, **up))
-        return model
-    if _is_checkpoint_path(source):
-        if backbone is None:
-            raise ValueError(f"upcycling the file {os.fspath(source)!r} needs backbone=<the timm architecture "
-                             "it was saved from>, e.g. backbone='vit_small_patch16_224'")
-        state = read_state_dict(source, weights_only=weights_only)
-        model = create_vmoe(backbone, **kwargs)
-        model.load_state_dict(upcycle_state_dict(state, model, **up))
-        return model
-    if not isinstance(source, str):
-        raise ValueError(f"source must be a timm model name, a checkpoint path or an nn.Module, got "
-                         f"{type(source).__name__}")
-    if backbone is not None and backbone != source:
-        raise ValueError(f"source={source!r} is a timm name; backbone={backbone!r} would contradict it")
-    arch = source.split(".")[0]
-    if not (timm.is_model(arch) or source.startswith(("hf-hub:", "hf_hub:", "local-dir:"))):
-        raise ValueError(f"{source!r} is neither an existing checkpoint file nor a timm model name")
-    return create_vmoe(source, pretrained=True, upcycle_kwargs=up, **kwargs)

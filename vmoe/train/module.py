@@ -1,57 +1,53 @@
 """ImageClassifier: the LightningModule that trains and evaluates a V-MoE (or a dense timm ViT)."""
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import Any, Literal
 
 import lightning as L
+import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..moe import iter_moe_layers
+from ..models import aux_loss, block_index, create_vmoe, load_weights
+from ..moe import MoEConfig, iter_moe_layers
 from ..moe.routers import after_optimizer_step
 from .schedule import warmup_decay_factor
 
 __all__ = ["ImageClassifier", "build_network"]
 
-_OWN_KEYS = ("num_classes", "img_size", "in_chans", "pretrained", "checkpoint_path", "moe_layers", "num_experts",
-             "k", "capacity_factor", "eval_capacity_factor", "batch_priority", "noise_std", "group_size", "router",
-             "moe_kwargs", "upcycle_kwargs")
+# ImageClassifier arguments that model_kwargs (timm's) must not repeat: its own plus the MoE settings.
+_OWN_KEYS = ("num_classes", "img_size", "in_chans", "pretrained", "checkpoint_path", "upcycle_kwargs",
+             *MoEConfig.field_names())
 
 
-def build_network(backbone: str, *, num_classes: int, img_size: int, in_chans: int, moe_layers: str | list[int] | None,
+def build_network(backbone: str, *, num_classes: int, img_size: int, in_chans: int, moe: MoEConfig | None,
                   pretrained: bool = False, checkpoint_path: str | None = None,
-                  model_kwargs: dict[str, Any] | None = None, **moe: Any) -> nn.Module:
+                  model_kwargs: dict[str, Any] | None = None,
+                  upcycle_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """A timm ViT: V-MoE via ``vmoe.models.create_vmoe`` (which also upcycles a dense ``checkpoint_path``), or,
-    when ``moe_layers`` is None, the dense backbone through ``timm.create_model`` with the same width/depth."""
+    when ``moe`` is None, the dense backbone through ``timm.create_model`` with the same width/depth."""
     model_kwargs = dict(model_kwargs or {})
     clash = sorted(set(model_kwargs) & set(_OWN_KEYS))
     if clash:
         raise ValueError(f"model_kwargs must not set {clash}: they are ImageClassifier arguments of their own")
     common = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **model_kwargs)
-    if moe_layers is None:
-        import timm
-
+    if moe is None:
         model = timm.create_model(backbone, pretrained=pretrained, **common)
         if checkpoint_path is not None:
-            from ..models import load_weights
-
             load_weights(model, checkpoint_path)
         return model
-    from ..models import create_vmoe
-
-    return create_vmoe(backbone, moe_layers=moe_layers, pretrained=pretrained, checkpoint_path=checkpoint_path,
-                       **moe, **common)
+    return create_vmoe(backbone, moe, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                       upcycle_kwargs=upcycle_kwargs, **common)
 
 
 def _block_name(qualified: str) -> str:
     """"blocks.3.mlp" -> "block3" (the metric key of a MoE layer); other layouts keep their dotted path."""
-    match = re.search(r"blocks\.(\d+)\.", qualified + ".")
-    return f"block{match.group(1)}" if match else qualified.replace(".", "_")
+    index = block_index(qualified)
+    return qualified.replace(".", "_") if index is None else f"block{index}"
 
 
 class ImageClassifier(L.LightningModule):
@@ -119,15 +115,11 @@ class ImageClassifier(L.LightningModule):
             raise ValueError("eval_capacity_factor, batch_priority and upcycle_kwargs act on MoE layers, but "
                              f"moe_layers=None builds a dense model (got eval_capacity_factor={eval_capacity_factor}, "
                              f"batch_priority={batch_priority}, upcycle_kwargs={upcycle_kwargs})")
-        if eval_capacity_factor is not None and not eval_capacity_factor > 0:
-            raise ValueError(f"eval_capacity_factor must be > 0 or None, got {eval_capacity_factor}")
-        moe = {} if moe_layers is None else dict(
-            num_experts=num_experts, k=k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-            batch_priority=batch_priority, noise_std=noise_std, group_size=group_size, router=router,
-            moe_kwargs=moe_kwargs, upcycle_kwargs=upcycle_kwargs)
-        self.model = build_network(backbone, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                                   moe_layers=moe_layers, pretrained=pretrained, checkpoint_path=checkpoint_path,
-                                   model_kwargs=model_kwargs, **moe)
+        # The MoE settings are checked here, once, and travel down as this one object.
+        moe = None if moe_layers is None else MoEConfig(**{name: self.hparams[name] for name in MoEConfig.field_names()})
+        self.model = build_network(backbone, num_classes=num_classes, img_size=img_size, in_chans=in_chans, moe=moe,
+                                   pretrained=pretrained, checkpoint_path=checkpoint_path, model_kwargs=model_kwargs,
+                                   upcycle_kwargs=upcycle_kwargs)
         self.moe_layer_names = {name: _block_name(name) for name, _ in iter_moe_layers(self.model)}
         if moe_layers is not None and not self.moe_layer_names:
             raise ValueError(f"moe_layers={moe_layers!r} placed no MoE layer in {backbone}")
@@ -144,8 +136,6 @@ class ImageClassifier(L.LightningModule):
 
     def aux_loss(self) -> Tensor:
         """Sum of the weighted auxiliary losses of the MoE layers from the latest forward (0 when dense)."""
-        from ..models import aux_loss
-
         return torch.as_tensor(aux_loss(self.model), dtype=torch.float32, device=self.device)
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
@@ -192,10 +182,11 @@ class ImageClassifier(L.LightningModule):
 
     # --- routing settings that change without retraining -------------------------------------------------
     def apply_routing_settings(self) -> None:
-        """Push eval_capacity_factor and batch_priority from the hyper-parameters into every MoE layer."""
+        """Push eval_capacity_factor (None: follow the training factor) and batch_priority from the
+        hyper-parameters into every MoE layer's routing settings."""
         for _, layer in iter_moe_layers(self.model):
-            layer.eval_capacity_factor = self.hparams.eval_capacity_factor
-            layer.batch_priority = self.hparams.batch_priority
+            layer.routing = layer.routing.replace(eval_capacity_factor=self.hparams.eval_capacity_factor,
+                                                  batch_priority=self.hparams.batch_priority)
 
     def on_fit_start(self) -> None:
         self.apply_routing_settings()
