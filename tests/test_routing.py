@@ -3,7 +3,7 @@ import torch
 
 from vmoe.moe import Routing, top_k_routing
 
-# SPEC 3 worked example: S=3, E=3, K=2, C=2.
+# The worked example of docs/design.md ("Slot assignment"): S=3, E=3, K=2, C=2.
 GATES = torch.tensor([[0.4, 0.0, 0.2], [0.5, 0.1, 0.4], [0.3, 0.2, 0.6]])
 
 

@@ -21,7 +21,7 @@ from .checkpoint import extract_state_dict
 __all__ = ["upcycle_state_dict", "EXPERT_FROM_DENSE"]
 
 _log = logging.getLogger(__name__)
-# Stacked expert tensor name -> dense timm Mlp tensor it copies (SPEC 6: nn.Linear layout per expert).
+# Stacked expert tensor name -> dense timm Mlp tensor it copies (nn.Linear layout per expert, docs/design.md).
 EXPERT_FROM_DENSE = {"experts.fc1_weight": "fc1.weight", "experts.fc1_bias": "fc1.bias",
                      "experts.fc2_weight": "fc2.weight", "experts.fc2_bias": "fc2.bias"}
 _RESIDUAL = "residual.mlp."  # DeepSpeed-MoE residual block: a dense Mlp beside the experts
@@ -66,61 +66,89 @@ def upcycle_state_dict(
     state = extract_state_dict(dense)
     if isinstance(model, VisionTransformer):
         state = checkpoint_filter_fn(state, model)  # foreign layouts, patch/pos-embed resampling
-    target = model.state_dict()
-    heads = _classifier_keys(model)
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-    mismatched: list[str] = []
+    plan = _Upcycling(state, _classifier_keys(model), expert_noise, router_init_std, generator)
     moe_prefixes = [name + "." for name, _ in iter_moe_layers(model)]
-    for key, fresh in target.items():
+    # One pass in the model's key order, so the random draws (expert noise, router) are reproducible.
+    for key, fresh in model.state_dict().items():
         prefix = next((p for p in moe_prefixes if key.startswith(p)), None)
-        if prefix is not None:
-            local = key[len(prefix):]
-            if local.startswith(_RESIDUAL):  # residual MoE: its fixed MLP is the dense one
-                source = prefix + local[len(_RESIDUAL):]
-                if source not in state or tuple(state[source].shape) != tuple(fresh.shape):
-                    mismatched.append(f"{source} {tuple(state[source].shape) if source in state else 'absent'} "
-                                      f"for {key} {tuple(fresh.shape)}")
-                else:
-                    out[key] = state[source]
-                    used.add(source)
-            elif local in EXPERT_FROM_DENSE:
-                source = prefix + EXPERT_FROM_DENSE[local]
-                if source not in state:
-                    missing.append(f"{source} (for {key})")
-                elif tuple(state[source].shape) != tuple(fresh.shape[1:]):
-                    mismatched.append(f"{source} {tuple(state[source].shape)} vs expert {tuple(fresh.shape[1:])}")
-                else:
-                    out[key] = _noisy_copies(state[source], fresh.shape[0], expert_noise, generator)
-                    used.add(source)
-            elif local == "router.weight":
-                out[key] = torch.randn(fresh.shape, generator=generator).to(fresh) * router_init_std
-            else:  # scheme-specific state (e.g. balancing biases) starts as the model initialised it
-                out[key] = fresh
-                _log.info("upcycling: %s keeps its fresh initial value", key)
-            continue
-        if key not in state:
-            if key in heads:  # the dense weights have no classifier: the model's new head stays
-                out[key] = fresh
+        if prefix is None:
+            plan.copy_dense(key, fresh)
+        else:
+            plan.fill_moe(prefix, key, fresh)
+    plan.raise_on_problems()
+    return plan.out
+
+
+class _Upcycling:
+    """The state dict being built by :func:`upcycle_state_dict`, and the problems found on the way."""
+
+    def __init__(self, state: Mapping[str, Tensor], heads: set[str], expert_noise: float, router_init_std: float,
+                 generator: torch.Generator | None) -> None:
+        self.state, self.heads = state, heads
+        self.expert_noise, self.router_init_std, self.generator = expert_noise, router_init_std, generator
+        self.out: dict[str, Tensor] = {}
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.mismatched: list[str] = []
+
+    def fill_moe(self, prefix: str, key: str, fresh: Tensor) -> None:
+        """A tensor of the MoE block at ``prefix``: experts and a residual MLP from the dense MLP, a small
+        random router, anything else (e.g. balancing biases) as the model initialised it."""
+        local = key[len(prefix):]
+        if local.startswith(_RESIDUAL):  # residual MoE: its fixed MLP is the dense one
+            self._copy_exact(prefix + local[len(_RESIDUAL):], key, fresh)
+        elif local in EXPERT_FROM_DENSE:
+            source = prefix + EXPERT_FROM_DENSE[local]
+            if source not in self.state:
+                self.missing.append(f"{source} (for {key})")
+            elif tuple(self.state[source].shape) != tuple(fresh.shape[1:]):
+                self.mismatched.append(f"{source} {tuple(self.state[source].shape)} vs expert {tuple(fresh.shape[1:])}")
             else:
-                missing.append(key)
-            continue
-        value = state[key]
-        used.add(key)
+                self.out[key] = _noisy_copies(self.state[source], fresh.shape[0], self.expert_noise, self.generator)
+                self.used.add(source)
+        elif local == "router.weight":
+            self.out[key] = torch.randn(fresh.shape, generator=self.generator).to(fresh) * self.router_init_std
+        else:
+            self.out[key] = fresh
+            _log.info("upcycling: %s keeps its fresh initial value", key)
+
+    def _copy_exact(self, source: str, key: str, fresh: Tensor) -> None:
+        value = self.state.get(source)
+        if value is None or tuple(value.shape) != tuple(fresh.shape):
+            shape = tuple(value.shape) if value is not None else "absent"
+            self.mismatched.append(f"{source} {shape} for {key} {tuple(fresh.shape)}")
+        else:
+            self.out[key] = value
+            self.used.add(source)
+
+    def copy_dense(self, key: str, fresh: Tensor) -> None:
+        """A tensor outside the MoE blocks: copied; a classifier of another size or absent is reset; a patch
+        embedding with other input channels is adapted."""
+        if key not in self.state:
+            if key in self.heads:  # the dense weights have no classifier: the model's new head stays
+                self.out[key] = fresh
+            else:
+                self.missing.append(key)
+            return
+        value = self.state[key]
+        self.used.add(key)
         if tuple(value.shape) == tuple(fresh.shape):
-            out[key] = value
-        elif key in heads:
-            out[key] = fresh
+            self.out[key] = value
+        elif key in self.heads:
+            self.out[key] = fresh
             _log.info("upcycling: %s reset (checkpoint %s, model %s)", key, tuple(value.shape), tuple(fresh.shape))
         elif (key == "patch_embed.proj.weight" and value.shape[0] == fresh.shape[0]
               and value.shape[2:] == fresh.shape[2:]):  # only in_chans differs
-            out[key] = adapt_input_conv(fresh.shape[1], value, base_chans=value.shape[1])
+            self.out[key] = adapt_input_conv(fresh.shape[1], value, base_chans=value.shape[1])
         else:
-            mismatched.append(f"{key} checkpoint {tuple(value.shape)} vs model {tuple(fresh.shape)}")
-    # A dense classifier the model does not have (num_classes=0) is dropped like a reset head.
-    unexpected = sorted(key for key in set(state) - used if key not in heads)
-    if missing or unexpected or mismatched:
+            self.mismatched.append(f"{key} checkpoint {tuple(value.shape)} vs model {tuple(fresh.shape)}")
+
+    def raise_on_problems(self) -> None:
+        # A dense classifier the model does not have (num_classes=0) is dropped like a reset head.
+        unexpected = sorted(key for key in set(self.state) - self.used if key not in self.heads)
+        missing, mismatched = self.missing, self.mismatched
+        if not (missing or unexpected or mismatched):
+            return
         raise ValueError("\n".join(
             [f"cannot upcycle: the dense weights do not fit the V-MoE ({len(missing)} missing, "
              f"{len(unexpected)} unexpected, {len(mismatched)} mismatched)"]
@@ -128,4 +156,3 @@ def upcycle_state_dict(
             + [f"  mismatched: {k}" for k in mismatched]
             + ["  (is the dense model the same architecture as the V-MoE backbone? V-MoE weights load with "
                "vmoe.models.load_weights)"]))
-    return out

@@ -1,4 +1,4 @@
-"""How many slots each expert gets in one routing group (SPEC 2)."""
+"""How many slots each expert gets in one routing group (docs/design.md, "Capacity")."""
 from __future__ import annotations
 
 import math

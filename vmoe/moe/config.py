@@ -58,8 +58,8 @@ class MoEConfig:
     scheme (``vmoe.moe.available_routers()``). moe_kwargs: further MoE block arguments (router_kwargs,
     importance_weight, expert_granularity, num_shared_experts, residual, ...).
 
-    Every value is checked here: inf/nan factors, non-integral counts, negative noise and unknown schemes
-    raise ValueError naming the setting and its valid range.
+    Every value is checked here: inf/nan factors, non-integral counts and negative noise raise ValueError
+    naming the setting and its valid range (the scheme name when its block is built).
     """
 
     moe_layers: str | Sequence[int] = "every-2"
@@ -90,10 +90,8 @@ class MoEConfig:
         check_positive_int("group_size", self.group_size, optional=True, what=" (the whole local batch)")
         if not isinstance(self.batch_priority, bool):
             raise ValueError(f"batch_priority must be True or False, got {self.batch_priority!r}")
-        from .build import available_routers  # the registry fills in when the router modules import
-
-        if self.router not in available_routers():
-            raise ValueError(f"unknown router {self.router!r}; valid: {available_routers()}")
+        if not isinstance(self.router, str):  # the name itself is checked where the block is built
+            raise ValueError(f"router must be a routing scheme name, got {self.router!r}")
         clash = sorted(set(self.moe_kwargs or {}) & set(self.field_names() + _MLP_ARGS))
         if clash:
             raise ValueError(f"moe_kwargs repeats arguments set elsewhere: {clash}; pass them directly")

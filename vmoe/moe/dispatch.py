@@ -1,4 +1,4 @@
-"""Send tokens to their experts and combine the results (SPEC 6).
+"""Send tokens to their experts and combine the results (docs/design.md, "Dispatch").
 
 The fast path sorts the kept assignments by expert, runs each expert on one contiguous block and
 scatter-adds the weighted outputs back: no [S, E, C] one-hot tensors. ``combine_reference`` is the plain

@@ -1,4 +1,4 @@
-"""Stacked expert MLPs (SPEC 6): E copies of timm's Mlp (fc1, act, drop, fc2, drop) in one module."""
+"""Stacked expert MLPs (docs/design.md, "Weight layout"): E copies of timm's Mlp (fc1, act, drop, fc2, drop) in one module."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""The sparse MoE block: a drop-in for timm's Mlp (SPEC 4, 6)."""
+"""The sparse MoE block: a drop-in for timm's Mlp (docs/design.md)."""
 from __future__ import annotations
 
 from typing import Any

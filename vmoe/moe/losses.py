@@ -1,4 +1,4 @@
-"""Auxiliary load-balancing losses (SPEC 5). Pure functions of router tensors.
+"""Auxiliary load-balancing losses (docs/design.md, "Auxiliary losses"). Pure functions of router tensors.
 
 Every loss takes [..., S, E] tensors, computes its value per group (the leading dims) and returns the mean
 over groups. std is the population std.

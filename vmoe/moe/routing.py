@@ -1,4 +1,5 @@
-"""Pure routing decisions: which expert and which slot each token's choices get (SPEC 3).
+"""Pure routing decisions: which expert and which slot each token's choices get (docs/design.md,
+"Slot assignment and Batch Priority Routing").
 
 Functions here take gate tensors and return a :class:`Routing`; they hold no parameters, so they are
 tested on hand-computed values and reused by every router module.

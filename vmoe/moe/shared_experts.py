@@ -1,5 +1,5 @@
 """Expert structure around the routed experts: DeepSeekMoE fine-grained segmentation and shared experts,
-DeepSpeed-MoE residual MoE (SPEC 6)."""
+DeepSpeed-MoE residual MoE (docs/design.md, "Expert structure")."""
 from __future__ import annotations
 
 import inspect

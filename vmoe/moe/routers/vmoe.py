@@ -1,4 +1,4 @@
-"""The V-MoE router (SPEC 4): noisy top-k over a softmax, importance and load losses."""
+"""The V-MoE router (docs/design.md, "The V-MoE router"): noisy top-k over a softmax, importance and load losses."""
 from __future__ import annotations
 
 import torch
