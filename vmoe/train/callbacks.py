@@ -23,7 +23,6 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output = output
-        self.last_path: Path | None = None
 
     def _path(self, trainer: L.Trainer) -> Path:
         default = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
@@ -55,5 +54,4 @@ class PredictionWriter(BasePredictionWriter):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        self.last_path = path
         print(f"vmoe predict: wrote {index} predictions to {path}")
