@@ -1,4 +1,6 @@
 """Every routing scheme builds as an MoE block and inside a create_vmoe model, and trains (forward+backward)."""
+import math
+
 import pytest
 import torch
 
@@ -50,3 +52,63 @@ def test_create_vmoe_deepseek_structure_through_moe_kwargs():
     assert (layer.num_experts, layer.k, layer.router.expert_balance_weight) == (8, 4, 0.003)
     assert layer.shared_experts is not None
     model(torch.randn(1, 3, 16, 16)).sum().backward()
+
+
+def _sig(a: float) -> float:
+    return 1.0 / (1.0 + math.exp(-a))
+
+
+# One group of S=6 tokens, E=2 experts, D=2 with the router weight set to the identity, so token t's
+# logits are its input [a_t, 0]: softmax gates [sig(a_t), 1 - sig(a_t)], sigmoid scores [sig(a_t), .5].
+A = [1.0, 2.0, 3.0, 0.5, 4.0, -1.0]
+TOP1 = [[0], [0], [0], [0], [0], [1]]  # a > 0 prefers e0; t5 (a = -1) prefers e1
+# k=1, capacity ceil(6 * 1 * 1.0 / 2) = 3 -> 4 slots: e0 is asked by 5 tokens, so one is dropped.
+VANILLA = [[0], [1], [2], [3], [-1], [0]]  # position order: t4 comes 5th
+BPR = [[3], [2], [1], [-1], [0], [0]]  # by top gate: t4, t2, t1, t0 get e0; t3 (a = .5) is dropped
+SOFTMAX_TOP1 = [[_sig(1.0)], [_sig(2.0)], [_sig(3.0)], [_sig(0.5)], [_sig(4.0)], [_sig(1.0)]]
+ONES = [[1.0]] * 6  # weights renormalised over the single chosen expert
+# k=2 at capacity factor 0.5: ceil(6 * 2 * .5 / 2) = 3 -> 4 slots. Choice-major: the 1st choices fill e0
+# with t0..t3 (t4 dropped) and give t5 e1 slot 0; the 2nd choices give t0..t2 e1 slots 1..3, the rest drop.
+TOP2_INDEX = [[0, 1]] * 5 + [[1, 0]]
+TOP2_SLOTS = [[0, 1], [1, 2], [2, 3], [3, -1], [-1, -1], [0, -1]]
+TOP2_WEIGHTS = [[_sig(a), 1 - _sig(a)] for a in A[:5]] + [[_sig(1.0), 1 - _sig(1.0)]]
+HAND_CASES = {
+    # router: (block kwargs, expert_index, slot_index, combine weights before drops)
+    "vmoe": (dict(k=1, capacity_factor=1.0), TOP1, VANILLA, SOFTMAX_TOP1),
+    "switch": (dict(capacity_factor=1.0, batch_priority=True), TOP1, BPR, SOFTMAX_TOP1),
+    "deepseek": (dict(k=1, capacity_factor=1.0), TOP1, VANILLA, SOFTMAX_TOP1),
+    "mixtral": (dict(k=1, capacity_factor=1.0), TOP1, VANILLA, ONES),
+    # BPR ranks by the combine weight, here 1 for every token: the stable sort keeps position order.
+    "shazeer": (dict(k=1, capacity_factor=1.0, batch_priority=True), TOP1, VANILLA, ONES),
+    "deepseek_v3": (dict(k=1, capacity_factor=1.0), TOP1, VANILLA, ONES),
+    "gshard": (dict(capacity_factor=0.5), TOP2_INDEX, TOP2_SLOTS, TOP2_WEIGHTS),
+    "dense": (dict(capacity_factor=0.5), TOP2_INDEX, TOP2_SLOTS, TOP2_WEIGHTS),
+    # expert choice, C = min(6, ceil(6 * 1.0 / 2)) = 3: e0 takes its 3 best tokens t4, t2, t1 (slots 0, 1, 2),
+    # e1 (score 1 - sig(a)) takes t5, t3, t0. Routing [S, E]: column e is expert e.
+    "expert_choice": (dict(capacity_factor=1.0), [[0, 1]] * 6,
+                      [[-1, 2], [2, -1], [1, -1], [-1, 1], [0, -1], [-1, 0]],
+                      [[_sig(a), 1 - _sig(a)] for a in A]),
+    # soft MoE (phi = I, no normalisation): combine = softmax over the 2 slots; the summary is the top-1.
+    "soft": (dict(router_kwargs={"normalize": False}), TOP1, [[0]] * 6, SOFTMAX_TOP1),
+}
+
+
+def test_every_scheme_has_a_hand_case():
+    assert sorted(HAND_CASES) == ROUTERS
+
+
+@pytest.mark.parametrize("router", sorted(HAND_CASES))
+def test_block_routing_hand_computed(router):
+    kwargs, index, slots, weights = HAND_CASES[router]
+    layer = build_moe_mlp(router=router, in_features=2, hidden_features=4, num_experts=2, **kwargs).eval()
+    with torch.no_grad():
+        if router == "soft":
+            layer.phi.copy_(torch.eye(2))
+        else:
+            layer.router.weight.copy_(torch.eye(2))
+        layer(torch.tensor([[[a, 0.0] for a in A]]))
+    routing = layer.last_routing
+    assert routing.expert_index[0].tolist() == index
+    assert routing.slot_index[0].tolist() == slots
+    kept = torch.tensor(slots) >= 0
+    torch.testing.assert_close(routing.combine_weights[0], torch.tensor(weights) * kept)
