@@ -1,5 +1,10 @@
-"""Sparse Mixture-of-Experts layers: capacity, routing, losses, routers, experts, dispatch."""
-from . import losses
+"""Sparse Mixture-of-Experts layers: capacity, routing, losses, routers, experts, dispatch.
+
+Shapes in docstrings use the axis letters of :data:`vmoe.moe.axes.AXES`: B batch, T tokens per image,
+G routing groups, S tokens per group, E experts, K choices per token, C capacity (slots per expert per
+group), D model width, H expert hidden width, A kept assignments. docs/design.md explains the design.
+"""
+from . import axes, losses
 from .block import MoEBlock
 from .build import available_routers, build_moe_mlp, is_moe_layer, iter_moe_layers
 from .capacity import compute_capacity
@@ -13,7 +18,7 @@ from .shared_experts import ResidualMLP, SharedExperts
 from .soft import SoftMoEMlp
 
 __all__ = [
-    "losses", "MoEBlock", "MoEConfig", "RoutingSettings", "build_moe_mlp", "is_moe_layer", "iter_moe_layers", "compute_capacity", "combine_reference", "moe_combine", "sort_assignments", "StackedExperts",
+    "axes", "losses", "MoEBlock", "MoEConfig", "RoutingSettings", "build_moe_mlp", "is_moe_layer", "iter_moe_layers", "compute_capacity", "combine_reference", "moe_combine", "sort_assignments", "StackedExperts",
     "MoEMlp", "routing_metrics", "ROUTERS", "Router", "RouterOutput", "build_router", "register_router",
     "Routing", "top_k_routing", "available_routers", "expert_choice_routing", "route_choices", "ResidualMLP",
     "SharedExperts", "SoftMoEMlp",

@@ -96,7 +96,7 @@ class MoEMlp(MoEBlock):
                                             out_features, act_layer, bias, drop) if num_shared_experts else None
         self.residual = ResidualMLP(in_features, hidden_features, out_features, act_layer, bias, drop,
                                     residual_coefficient) if residual else None
-        self._router_takes_seq_len = bool(getattr(self.router, "uses_sequence_length", False))
+        self._router_takes_seq_len = self.router.uses_sequence_length
         self.use_reference = False
 
     @property

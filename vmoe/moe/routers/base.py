@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,9 @@ class Router(nn.Module):
     A subclass computes its scores in ``forward`` and hands its choices to :meth:`route` (or gates to
     :meth:`route_top_k`); it checks its loss weights with :meth:`check_non_negative`.
     """
+
+    # True: forward takes seq_len=T (tokens per image) besides x, for per-sequence losses.
+    uses_sequence_length: ClassVar[bool] = False
 
     def __init__(self, num_experts: int, k: int, capacity_factor: float = 1.05,
                  eval_capacity_factor: float | None = None, batch_priority: bool = False, *,
