@@ -57,12 +57,12 @@ def vit_data():
 
 def record_router_dtypes(model) -> list:
     """Per training-step forward of the MoE layer: (autocast on, router logits dtype, MoE output dtype)."""
-    import vmoe.moe.routers.vmoe as vmoe_router
     from vmoe.moe.build import iter_moe_layers
+    from vmoe.moe.routers import Router
     calls, logits = [], []
 
-    def float32_logits(x, weight):
-        out = original(x, weight)
+    def router_logits(self, x):
+        out = original(self, x)
         logits.append(out.dtype)
         return out
 
@@ -70,15 +70,15 @@ def record_router_dtypes(model) -> list:
         if layer.training:
             calls.append((torch.is_autocast_enabled("cpu"), logits[-1], output.dtype))
 
-    original = vmoe_router.float32_logits
-    vmoe_router.float32_logits = float32_logits  # the vmoe router's module-level name (restored by the caller)
+    original = Router.logits
+    Router.logits = router_logits  # every router's logits (restored by the caller)
     (_, layer), = iter_moe_layers(model)
     layer.register_forward_hook(hook)
     return calls
 
 
 def fit_vit(strategy, out: Path, name: str, precision: str = "32-true") -> None:
-    import vmoe.moe.routers.vmoe as vmoe_router
+    from vmoe.moe.routers import Router
     from vmoe.train.module import ImageClassifier
     L.seed_everything(0)
     model = ImageClassifier(**VIT)
@@ -86,11 +86,11 @@ def fit_vit(strategy, out: Path, name: str, precision: str = "32-true") -> None:
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=2,
                         gradient_clip_val=1e-2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, precision=precision)
-    original, router_calls = vmoe_router.float32_logits, record_router_dtypes(model)
+    original, router_calls = Router.logits, record_router_dtypes(model)
     try:
         trainer.fit(model, DataLoader(train, batch_size=VIT_BATCH), DataLoader(val, batch_size=VIT_BATCH))
     finally:
-        vmoe_router.float32_logits = original
+        Router.logits = original
     if name.startswith("fsdp"):  # per-block FSDP units; dense weights are DTensor shards, experts plain local tensors
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor

@@ -74,7 +74,7 @@ def shard_experts(model: nn.Module, groups: ExpertParallelGroups, *, src: int | 
         layer.experts.num_experts = hook.num_local_experts
         layer.expert_parallel = hook
         # Routers with a device-level balance loss (DeepSeekMoE) must see the real placement.
-        if hasattr(layer.router, "num_devices"):
+        if layer.router.uses_device_placement:
             if layer.router.num_devices not in (None, hook.world_size):
                 warnings.warn(f"MoE layer {name!r}: router num_devices={layer.router.num_devices} replaced by "
                               f"the expert-parallel size {hook.world_size} (the real placement)", stacklevel=2)

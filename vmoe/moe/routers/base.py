@@ -43,6 +43,8 @@ class Router(nn.Module):
 
     # True: forward takes seq_len=T (tokens per image) besides x, for per-sequence losses.
     uses_sequence_length: ClassVar[bool] = False
+    # True: the loss depends on which rank holds which expert (attribute num_devices, set by sharding).
+    uses_device_placement: ClassVar[bool] = False
 
     def __init__(self, num_experts: int, k: int, capacity_factor: float = 1.05,
                  eval_capacity_factor: float | None = None, batch_priority: bool = False, *,

@@ -24,6 +24,8 @@ class DeepSeekRouter(Router):
     expert term, 0.05 for the device term at 145B; the device term needs num_devices >= 2).
     """
 
+    uses_device_placement = True
+
     def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
                  eval_capacity_factor: float | None = None, batch_priority: bool = False,
                  expert_balance_weight: float = 0.01, device_balance_weight: float = 0.0,
