@@ -44,9 +44,11 @@ def test_bad_settings_raise_at_construction(kwargs, message):
 def test_defaults_and_block_kwargs_leave_unset_settings_out():
     config = MoEConfig()
     assert (config.moe_layers, config.num_experts, config.router) == ("every-2", 8, "vmoe")
-    assert config.block_kwargs(4) == {"router": "vmoe", "num_experts": 4}
+    unset = dict(k=None, capacity_factor=None, eval_capacity_factor=None, batch_priority=False, noise_std=None,
+                 group_size=None)
+    assert config.block_kwargs(4) == {"router": "vmoe", "num_experts": 4, **unset}
     config = MoEConfig(k=1, capacity_factor=2.0, batch_priority=True, moe_kwargs={"importance_weight": 0.0})
-    assert config.block_kwargs(3) == {"router": "vmoe", "num_experts": 3, "k": 1, "capacity_factor": 2.0,
+    assert config.block_kwargs(3) == {"router": "vmoe", "num_experts": 3, **unset, "k": 1, "capacity_factor": 2.0,
                                       "batch_priority": True, "importance_weight": 0.0}
     assert MoEConfig(num_experts=[2, 4]).experts_per_layer(2) == [2, 4]
     with pytest.raises(ValueError, match="one count per MoE block"):

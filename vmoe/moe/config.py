@@ -124,12 +124,9 @@ class MoEConfig:
     def block_kwargs(self, num_experts: int) -> dict[str, Any]:
         """Keyword arguments of one MoE block (``vmoe.moe.build_moe_mlp``) with ``num_experts`` experts.
 
-        Unset (None) settings are left out so the scheme's defaults apply: schemes such as expert_choice
-        or soft reject settings they have no use for, and an unset one is not a setting.
+        Unset (None) settings stay None: the block leaves them to the scheme's defaults, and a scheme such
+        as expert_choice or soft refuses only the settings that are actually set.
         """
-        optional = dict(k=self.k, capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
-                        noise_std=self.noise_std, group_size=self.group_size)
-        out = {name: value for name, value in optional.items() if value is not None}
-        if self.batch_priority:
-            out["batch_priority"] = True
-        return dict(router=self.router, num_experts=num_experts, **out, **dict(self.moe_kwargs or {}))
+        return dict(router=self.router, num_experts=num_experts, k=self.k, capacity_factor=self.capacity_factor,
+                    eval_capacity_factor=self.eval_capacity_factor, batch_priority=self.batch_priority,
+                    noise_std=self.noise_std, group_size=self.group_size, **dict(self.moe_kwargs or {}))
