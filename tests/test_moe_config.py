@@ -79,7 +79,8 @@ def test_image_classifier_checks_the_settings():
         ImageClassifier(**arch, group_size=2.5)
 
 
-def test_inf_in_yaml_through_the_cli_names_the_setting(tmp_path):
+def test_inf_in_yaml_through_the_cli_names_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMOE_DEBUG", "1")  # the CLI raises instead of printing a one-line error
     argv = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.init_args.img_size", "8",
             "--model.model_kwargs", '{"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}',
             "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",

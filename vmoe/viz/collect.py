@@ -1,9 +1,9 @@
 """Run a V-MoE on images and collect what the pictures need: routings, loads, class-expert counts.
 
-Works on any timm VisionTransformer whose ``blocks[i].mlp`` are MoE layers (``is_moe_layer``). The
-routing settings (eval capacity factor, BPR) are changed only inside
-:func:`vmoe.models.routing_settings` and put
-back afterwards, so these helpers can run on a model that is still training.
+Works on any timm VisionTransformer whose ``blocks[i].mlp`` are MoE blocks (:class:`vmoe.moe.MoEBlock`).
+The routing settings (eval capacity factor, BPR) are changed only inside
+:func:`vmoe.models.routing_settings` and put back afterwards, so these helpers can run on a model that is
+still training.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def moe_blocks(model: nn.Module) -> dict[int, MoEBlock]:
     """{block index: MoE layer} of a timm ViT; ValueError when there is none to picture."""
     found = moe_layers_by_block(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no MoE layers (modules with is_moe_layer=True inside "
+        raise ValueError(f"{type(model).__name__} has no MoE layers (MoEBlock modules inside "
                          "blocks.<i>); the routing pictures need a V-MoE")
     return found
 
