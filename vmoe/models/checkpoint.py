@@ -4,12 +4,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from ..io import atomic_path
 
 __all__ = ["read_state_dict", "extract_state_dict", "check_state_dict", "save_weights", "load_weights"]
 
@@ -113,19 +114,12 @@ def save_weights(model: nn.Module, path: str | os.PathLike, *, metadata: dict[st
     if path.suffix not in {".safetensors", ".pth", ".pt"}:
         raise ValueError(f"save_weights writes .safetensors, .pth or .pt files, got {path}")
     state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
             save_file(state, tmp, metadata={"format": "pt", **(metadata or {})})
         else:
             torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

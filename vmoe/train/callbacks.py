@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from ..io import atomic_write
 
 __all__ = ["PredictionWriter"]
 
@@ -36,24 +36,17 @@ class PredictionWriter(BasePredictionWriter):
                            batch_indices: Sequence[Any] | None) -> None:
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         path = self._path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.writer(f)
-                has_target = bool(batches) and "target" in batches[0]
-                writer.writerow(["index", "pred", "prob"] + (["target"] if has_target else []))
-                index = 0
-                for out in batches:
-                    pred = out["pred"].tolist()
-                    prob = out["probs"].gather(-1, out["pred"][:, None])[:, 0].tolist()
-                    target = out["target"].tolist() if has_target else None
-                    for i in range(len(pred)):
-                        writer.writerow([index, pred[i], f"{prob[i]:.6f}"] + ([target[i]] if has_target else []))
-                        index += 1
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            has_target = bool(batches) and "target" in batches[0]
+            writer.writerow(["index", "pred", "prob"] + (["target"] if has_target else []))
+            index = 0
+            for out in batches:
+                pred = out["pred"].tolist()
+                prob = out["probs"].gather(-1, out["pred"][:, None])[:, 0].tolist()
+                target = out["target"].tolist() if has_target else None
+                for i in range(len(pred)):
+                    writer.writerow([index, pred[i], f"{prob[i]:.6f}"] + ([target[i]] if has_target else []))
+                    index += 1
         self.last_path = path
         print(f"vmoe predict: wrote {index} predictions to {path}")

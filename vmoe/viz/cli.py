@@ -20,6 +20,7 @@ from jsonargparse import ArgumentParser
 from lightning import LightningDataModule
 from torch import nn
 
+from ..io import atomic_write
 from .collect import collect_routing_stats, moe_blocks
 from .plots import plot_capacity_sweep
 from .report import class_names, routing_figures, save_figure
@@ -232,10 +233,8 @@ def sweep(argv: list[str] | None = None) -> list[dict]:
 
 def _write_rows(rows: list[dict], stem: str) -> None:
     for suffix, write in ((".csv", _write_csv), (".json", _write_json)):
-        tmp = f"{stem}{suffix}.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(stem + suffix, "w", newline="") as f:
             write(rows, f)
-        os.replace(tmp, stem + suffix)
 
 
 def _write_csv(rows: list[dict], f) -> None:
