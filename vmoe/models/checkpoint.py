@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -135,10 +136,11 @@ def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> An
 
 
 def _first_line(err: BaseException) -> str:
+    """The informative line of a torch.load error (its weights-only messages are paragraphs of advice)."""
     text = str(err).strip()
-    for line in text.splitlines():
-        if "Unsupported global" in line or "WeightsUnpickler" in line:
-            return line.strip()
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if match:
+        return match.group(1).strip()[:300]
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
