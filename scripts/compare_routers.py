@@ -12,7 +12,6 @@ Each run goes to runs/compare_routers/<scheme>/; the table is also written as ta
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any

@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -167,7 +168,7 @@ class ResumeStateCheckpoint(Callback):
             states = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, state)  # every rank saves: dump_checkpoint is collective
         loaders = [loader.state_dict() if isinstance(loader, ResumableDataLoader) else None
-                   for loader in _train_loaders(trainer)] if trainer.training else []
+                   for loader in _train_loaders(trainer)] if trainer.state.fn == TrainerFn.FITTING else []
         checkpoint[self.KEY] = {"ranks": states, "train_loaders": loaders}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
