@@ -137,7 +137,9 @@ def convert_to_moe(
         moe = build_moe_mlp(router=router, **mlp_config(block.mlp), num_experts=count, **optional, **extra)
         # the new block lives where the dense one did (GPU, bf16 or meta models stay uniform)
         block.mlp = moe.to(device=ref.device, dtype=ref.dtype) if ref is not None else moe
-    return model
+    from .ensemble import to_ensemble  # E³ (router="ensemble"): the batch repeat before the first MoE block
+
+    return to_ensemble(model)
 
 
 def create_vmoe(
