@@ -1,5 +1,5 @@
 """timm integration: V-MoE models from timm ViTs, registry names, upcycling, checkpoints, routing helpers."""
-from . import registry, vit  # noqa: F401  (registers the vmoe_* names with timm)
+from . import paper, registry, vit_prelogits  # noqa: F401  (registers the vmoe_* names with timm)
 from .build import convert_to_moe, create_vmoe, mlp_config, parse_moe_layers
 from .checkpoint import check_state_dict, extract_state_dict, load_weights, read_state_dict, save_weights
 from .ensemble import EnsembleVisionTransformer, to_ensemble

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..moe import iter_moe_layers
 from ..moe.ensemble import EnsembleMoEMlp
-from .vit import PreLogitsViT
+from .vit_prelogits import PreLogitsViT
 
 __all__ = ["EnsembleMixin", "EnsembleVisionTransformer", "EnsemblePreLogitsViT", "to_ensemble"]
 
