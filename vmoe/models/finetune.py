@@ -11,6 +11,7 @@ import math
 from typing import Mapping
 
 from timm.layers import resample_abs_pos_embed
+from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
 
 __all__ = ["finetune_state_dict"]
@@ -26,8 +27,9 @@ def _grid(tokens: int, prefix: int, what: str) -> tuple[int, int]:
 
 
 def finetune_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """``state`` adapted to ``model``: pos_embed [1, T, D] resampled to the model's T; ``head.*`` (or the
-    classifier the model's pretrained_cfg names) of another shape replaced by the model's fresh one."""
+    """``state`` adapted to ``model``: pos_embed [1, T, D] resampled to the model's T; the patch embedding
+    adapted to another number of input channels (timm's adapt_input_conv); ``head.*`` (or the classifier
+    the model's pretrained_cfg names) of another shape replaced by the model's fresh one."""
     out = dict(state)
     own = model.state_dict()
     if "pos_embed" in out and "pos_embed" in own and out["pos_embed"].shape != own["pos_embed"].shape:
@@ -39,6 +41,12 @@ def finetune_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> dict[s
                                                   old_size=_grid(old.shape[1], prefix, "the checkpoint"),
                                                   num_prefix_tokens=prefix, verbose=False)
         _log.info("fine-tuning: pos_embed resampled from %s to %s", tuple(old.shape), tuple(new.shape))
+    key = "patch_embed.proj.weight"
+    if key in out and key in own and out[key].shape != own[key].shape:
+        old, new = out[key], own[key]
+        if old.shape[0] == new.shape[0] and old.shape[2:] == new.shape[2:]:  # only in_chans differs
+            out[key] = adapt_input_conv(new.shape[1], old, base_chans=old.shape[1])
+            _log.info("fine-tuning: %s adapted from %d to %d input channels", key, old.shape[1], new.shape[1])
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
     for name in (classifier,) if isinstance(classifier, str) else tuple(classifier):
         keys = [f"{name}.weight", f"{name}.bias"]
