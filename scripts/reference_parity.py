@@ -35,6 +35,9 @@ def main() -> None:
                     with torch.no_grad(), capture_routing(model) as routes:
                         logits = model.forward_members(x).flatten(0, 1) if hasattr(model, "forward_members") \
                             else model(x)
+                    members = getattr(model, "ensemble_size", 1)  # rows in the reference's (b, t, m) order
+                    routes = {blk: type(r)(*(t.unflatten(0, (-1, members)).transpose(1, 2) for t in r))
+                              for blk, r in routes.items()}
                     same = all(
                         np.array_equal(r.expert_index.reshape(-1, r.expert_index.shape[-1]).numpy(),
                                        ref[f"route/{blk}/choice_expert"])

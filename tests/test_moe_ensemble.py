@@ -46,11 +46,11 @@ def test_block_orders_rows_image_token_member_and_restores_sequences():
     x = torch.randn(3 * 2, 5, 6)  # B=3 images x M=2 members, T=5
     with torch.no_grad():
         y = block(x)
-        routing = block.last_routing  # [B, T*M, K], rows (token, member)
+        routing = block.last_routing  # [B*M, T, K] like the sequences
         for b in range(3):
             for m in range(2):
                 for t in range(5):
-                    e = int(routing.expert_index[b, t * 2 + m, 0])
+                    e = int(routing.expert_index[b * 2 + m, t, 0])
                     assert m * 2 <= e < m * 2 + 2  # the member's own experts
                     gates = torch.softmax(x[b * 2 + m, t] @ block.router.weight[m * 2:m * 2 + 2].T, -1)
                     want = gates[e - m * 2] * block.experts.forward_expert(e, x[b * 2 + m, t][None])[0]

@@ -21,6 +21,11 @@ SETTINGS = [(cf, bpr, bf16) for bf16 in (False, True) for cf in (1.0, 0.5) for b
 BF16_TOL = 1e-3
 
 
+def _reference_rows(routing, members):
+    """Our Routing [B*M, T, K] (sequence order) -> [G*S, K] rows in the reference's (image, token, member) order."""
+    return type(routing)(*(r.unflatten(0, (-1, members)).transpose(1, 2).reshape(-1, r.shape[-1]) for r in routing))
+
+
 def _routing_tables(routing, num_experts):
     """kept / slot [G*S, E] as the reference reports them, from our Routing [..., K]."""
     k = routing.expert_index.shape[-1]
@@ -52,6 +57,7 @@ def test_logits_and_routing_match_the_reference(name, cf, bpr, bf16):
     assert diff <= (BF16_TOL if bf16 else 1e-4), diff
     assert sorted(routes) == cfg["moe_layers"]
     for blk, routing in routes.items():
+        routing = _reference_rows(routing, cfg["ensemble_size"] or 1)
         num_experts = ref[f"route/{blk}/kept"].shape[1]
         k = routing.expert_index.shape[-1]
         assert (routing.expert_index.reshape(-1, k).numpy() == ref[f"route/{blk}/choice_expert"]).all()

@@ -22,7 +22,8 @@ class EnsembleMoEMlp(MoEMlp):
 
     The E experts are split into M contiguous sets of E/M; member m uses set m. ``group_size`` counts
     routing rows (tokens x members), as the reference's E³ configs do; it must be a multiple of M.
-    ``last_routing`` is [B, T*M, K] with rows in (token, member) order.
+    ``last_routing`` is [B*M, T, K] like the sequences (row b*M + m = image b, member m); the routing rows
+    themselves are ordered (image, token, member).
     """
 
     def __init__(self, *args: Any, ensemble_size: int = 2, router: str = "ensemble",
@@ -48,6 +49,9 @@ class EnsembleMoEMlp(MoEMlp):
         bm, t, d = x.shape
         rows = x.reshape(bm // m, m, t, d).transpose(1, 2).reshape(bm // m, t * m, d)  # (b, t, m) order
         y = super().forward(rows)
+        routing = self.last_routing  # [B, T*M, K] in routing-row order -> [B*M, T, K] like the sequences
+        self.last_routing = type(routing)(*(r.reshape(bm // m, t, m, -1).transpose(1, 2).reshape(bm, t, -1)
+                                            for r in routing))
         return y.reshape(bm // m, t, m, -1).transpose(1, 2).reshape(bm, t, -1)
 
     def extra_repr(self) -> str:
