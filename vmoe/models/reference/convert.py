@@ -25,13 +25,14 @@ def _t(a: np.ndarray) -> Tensor:
 def _block(arrays: Mapping[str, np.ndarray], i: int, moe: bool, dim: int) -> dict[str, np.ndarray]:
     src, dst = f"Encoder/encoderblock_{i}", f"blocks.{i}"
     attn = f"{src}/SelfAttention"
+    ln0, ln1 = f"{src}/LayerNorm_0", f"{src}/LayerNorm_1"
+    qkv = ("query", "key", "value")
     out = {
-        f"{dst}.norm1.weight": arrays[f"{src}/LayerNorm_0/scale"], f"{dst}.norm1.bias": arrays[f"{src}/LayerNorm_0/bias"],
-        f"{dst}.norm2.weight": arrays[f"{src}/LayerNorm_1/scale"], f"{dst}.norm2.bias": arrays[f"{src}/LayerNorm_1/bias"],
+        f"{dst}.norm1.weight": arrays[f"{ln0}/scale"], f"{dst}.norm1.bias": arrays[f"{ln0}/bias"],
+        f"{dst}.norm2.weight": arrays[f"{ln1}/scale"], f"{dst}.norm2.bias": arrays[f"{ln1}/bias"],
         # timm's fused qkv: rows [q; k; v], each [h*d, D]
-        f"{dst}.attn.qkv.weight": np.concatenate(
-            [arrays[f"{attn}/{n}/kernel"].reshape(dim, dim).T for n in ("query", "key", "value")]),
-        f"{dst}.attn.qkv.bias": np.concatenate([arrays[f"{attn}/{n}/bias"].reshape(dim) for n in ("query", "key", "value")]),
+        f"{dst}.attn.qkv.weight": np.concatenate([arrays[f"{attn}/{n}/kernel"].reshape(dim, dim).T for n in qkv]),
+        f"{dst}.attn.qkv.bias": np.concatenate([arrays[f"{attn}/{n}/bias"].reshape(dim) for n in qkv]),
         f"{dst}.attn.proj.weight": arrays[f"{attn}/out/kernel"].reshape(dim, dim).T,
         f"{dst}.attn.proj.bias": arrays[f"{attn}/out/bias"],
     }
@@ -47,10 +48,9 @@ def _block(arrays: Mapping[str, np.ndarray], i: int, moe: bool, dim: int) -> dic
         })
     else:
         mlp = f"{src}/Mlp"
-        out.update({
-            f"{dst}.mlp.fc1.weight": arrays[f"{mlp}/Dense_0/kernel"].T, f"{dst}.mlp.fc1.bias": arrays[f"{mlp}/Dense_0/bias"],
-            f"{dst}.mlp.fc2.weight": arrays[f"{mlp}/Dense_1/kernel"].T, f"{dst}.mlp.fc2.bias": arrays[f"{mlp}/Dense_1/bias"],
-        })
+        for j in (0, 1):
+            out[f"{dst}.mlp.fc{j + 1}.weight"] = arrays[f"{mlp}/Dense_{j}/kernel"].T
+            out[f"{dst}.mlp.fc{j + 1}.bias"] = arrays[f"{mlp}/Dense_{j}/bias"]
     return out
 
 

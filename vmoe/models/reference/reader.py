@@ -84,8 +84,6 @@ def _slice_nd(payload: bytes, path: Path) -> tuple[tuple[int, int], ...]:
 
 
 def _index_hook(path: Path):
-    msgpack = _msgpack()
-
     def hook(code: int, data: bytes):
         if code != _EXT_INDEX_INFO:
             raise ReferenceCheckpointError(f"{path}: unexpected MessagePack ext type {code} in the index "
@@ -96,7 +94,6 @@ def _index_hook(path: Path):
         return ("__info__", tuple(int(n) for n in shape), str(dtype),
                 tuple(_slice_nd(s, path) for s in slices), tuple(int(s) for s in shards))
 
-    del msgpack
     return hook
 
 
