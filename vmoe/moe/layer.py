@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import combine_reference, moe_combine
+from .bf16_dispatch import bfloat16_rounded
 from .experts import StackedExperts
 from .routers import Router, build_router
 from .routing import Routing
@@ -34,6 +35,8 @@ class MoEMlp(nn.Module):
     ``num_shared_experts`` K_s adds K_s always-on experts of hidden H/m (``shared_experts``);
     ``residual`` adds a dense MLP of hidden H to the MoE output (DeepSpeed residual MoE, ``residual``),
     ``residual_coefficient`` mixes the two with a learned per-token softmax (DeepSpeed's code).
+    ``bfloat16_dispatch`` rounds each expert's input and output to bfloat16 (the V-MoE reference's
+    ``dispatcher.bfloat16``); the combine weights and the sum over choices stay in the input's dtype.
     """
 
     is_moe_layer = True
@@ -64,6 +67,7 @@ class MoEMlp(nn.Module):
         num_shared_experts: int = 0,
         residual: bool = False,
         residual_coefficient: bool = False,
+        bfloat16_dispatch: bool = False,
     ) -> None:
         super().__init__()
         if norm_layer is not None or use_conv:
@@ -99,6 +103,8 @@ class MoEMlp(nn.Module):
                                     residual_coefficient) if residual else None
         self._router_takes_seq_len = bool(getattr(self.router, "uses_sequence_length", False))
         self.use_reference = False
+        # V-MoE's dispatcher.bfloat16: expert inputs and outputs rounded to bf16, combine in float32.
+        self.bfloat16_dispatch = bool(bfloat16_dispatch)
         # Set by vmoe.distributed.shard_experts: experts sharded over ranks, tokens sent by all-to-all.
         self.expert_parallel = None
         self.aux_loss: Tensor = torch.zeros(())
@@ -149,12 +155,13 @@ class MoEMlp(nn.Module):
         out = self.router(groups, seq_len=t) if self._router_takes_seq_len else self.router(groups)
         routing = out.routing
         flat = x.reshape(b * t, -1)
+        rounded = bfloat16_rounded if self.bfloat16_dispatch else _unchanged
         if self.expert_parallel is not None:
-            y = moe_combine(flat, routing, self.expert_parallel.experts_fn(self.experts), self.num_experts)
+            y = moe_combine(flat, routing, rounded(self.expert_parallel.experts_fn(self.experts)), self.num_experts)
         elif self.use_reference:
-            y = combine_reference(flat, routing, self.experts.forward_expert, self.num_experts)
+            y = combine_reference(flat, routing, rounded(self.experts.forward_expert), self.num_experts)
         else:
-            y = moe_combine(flat, routing, self.experts, self.num_experts)
+            y = moe_combine(flat, routing, rounded(self.experts), self.num_experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if self.residual is not None:
@@ -165,7 +172,11 @@ class MoEMlp(nn.Module):
         return y.reshape(b, t, -1)
 
     def extra_repr(self) -> str:
-        return f"group_size={self.group_size}"
+        return f"group_size={self.group_size}" + (", bfloat16_dispatch=True" if self.bfloat16_dispatch else "")
+
+
+def _unchanged(fn):
+    return fn
 
 
 @torch.no_grad()

@@ -34,11 +34,13 @@ EXTRA_COMMANDS: dict[str, str] = {
     "visualize": "vmoe.viz.cli:visualize_main",
     "sweep": "vmoe.viz.cli:sweep_main",
     "flops": "vmoe.models.flops:main",
+    "convert": "vmoe.models.reference.cli:convert_main",
 }
 EXTRA_HELP: dict[str, str] = {
     "visualize": "Draw which patches each router kept, dropped, and sent to which expert.",
     "sweep": "Evaluate a checkpoint over a range of eval capacity factors and plot the curve.",
     "flops": "Count the FLOPs of a dense ViT and its V-MoE.",
+    "convert": "Convert a JAX V-MoE / E³ checkpoint (PREFIX.index + PREFIX.data-*) to model.safetensors + config.",
 }
 # Model arguments the CLI links from the DataModule; never taken from a checkpoint's hyper-parameters.
 LINKED_FROM_DATA = ("num_classes", "img_size", "in_chans")
