@@ -11,8 +11,8 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_c
 
 
 def test_every_scheme_is_registered():
-    assert ROUTERS == ["deepseek", "deepseek_v3", "dense", "expert_choice", "gshard", "mixtral", "shazeer", "soft",
-                       "switch", "vmoe"]
+    assert ROUTERS == ["deepseek", "deepseek_v3", "dense", "ensemble", "expert_choice", "gshard", "mixtral", "shazeer",
+                       "soft", "switch", "vmoe"]
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -94,7 +94,24 @@ HAND_CASES = {
 
 
 def test_every_scheme_has_a_hand_case():
-    assert sorted(HAND_CASES) == ROUTERS
+    assert sorted([*HAND_CASES, "ensemble"]) == ROUTERS  # E³ has its own input layout: the test below
+
+
+def test_ensemble_block_routing_hand_computed():
+    # M=2 members, E=4 (member m owns experts 2m, 2m+1), K=1, D=2; router rows [1,0],[0,1] per member, so
+    # token logits are its input [a, b] over the member's two experts. Rows b*M + m of x are member m.
+    layer = build_moe_mlp(router="ensemble", in_features=2, hidden_features=4, num_experts=4, k=1,
+                          capacity_factor=1.0).eval()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+        layer(torch.tensor([[[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0]], [[3.0, 0.0], [-2.0, 0.0], [0.5, 0.0]]]))
+    routing = layer.last_routing  # [B*M, T, K]
+    # Member 0: e0, e0, e1 (a > 0 picks the member's first expert); member 1: e2, e3, e2. Capacity ceil(6/4)
+    # = 2 -> 4 slots, routing rows in (token, member) order: nothing is dropped, slots count per expert.
+    assert routing.expert_index[..., 0].tolist() == [[0, 0, 1], [2, 3, 2]]
+    assert routing.slot_index[..., 0].tolist() == [[0, 1, 0], [0, 0, 1]]
+    expected = [[_sig(1.0), _sig(2.0), _sig(1.0)], [_sig(3.0), _sig(2.0), _sig(0.5)]]
+    torch.testing.assert_close(routing.combine_weights[..., 0], torch.tensor(expected))
 
 
 @pytest.mark.parametrize("router", sorted(HAND_CASES))

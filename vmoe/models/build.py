@@ -16,6 +16,8 @@ from torch import nn
 
 from ..moe import MoEConfig, build_moe_mlp
 from .checkpoint import load_weights, read_state_dict
+from .ensemble import to_ensemble
+from .finetune import finetune_state_dict
 from .upcycle import upcycle_state_dict
 
 __all__ = ["parse_moe_layers", "mlp_config", "convert_to_moe", "create_vmoe", "upcycle"]
@@ -123,18 +125,19 @@ def convert_to_moe(model: nn.Module, moe: MoEConfig | None = None, **settings: A
         layer = build_moe_mlp(**mlp_config(block.mlp), **moe.block_kwargs(count))
         # the new block lives where the dense one did (GPU, bf16 or meta models stay uniform)
         block.mlp = layer.to(device=ref.device, dtype=ref.dtype) if ref is not None else layer
-    return model
+    return to_ensemble(model)  # E³ (router="ensemble"): the batch repeat before the first MoE block
 
 
 def _load_starting_weights(model: nn.Module, checkpoint_path: str | os.PathLike,
                            upcycle_kwargs: dict[str, Any] | None) -> None:
-    """V-MoE weights (with expert tensors) load strictly; dense ViT weights are upcycled."""
+    """V-MoE weights (with expert tensors) load strictly, resampling the position embedding and resetting a
+    head of another size (fine-tuning); dense ViT weights are upcycled."""
     state = read_state_dict(checkpoint_path)
     if any(".experts." in key for key in state):
         if upcycle_kwargs:
             raise ValueError(f"upcycle_kwargs given but {os.fspath(checkpoint_path)!r} already holds "
                              "V-MoE weights (expert tensors); nothing is upcycled")
-        load_weights(model, state)
+        load_weights(model, finetune_state_dict(state, model))  # new image size / class count: resample, reset head
     else:
         model.load_state_dict(upcycle_state_dict(state, model, **(upcycle_kwargs or {})))
 
@@ -157,7 +160,8 @@ def create_vmoe(
     pretrained=True: timm loads the backbone's dense pretrained weights (its hub loading, resampling the
     position embeddings and resetting the head as usual) and the model is upcycled from them.
     checkpoint_path: a weights file (.safetensors/.pth/.pt/.bin/.ckpt). V-MoE weights (with expert
-    tensors) load strictly; dense ViT weights are upcycled. ``upcycle_kwargs`` (expert_noise,
+    tensors) load strictly, except that the position embedding is resampled to another image size and a
+    head of another class count is reset (fine-tuning); dense ViT weights are upcycled. ``upcycle_kwargs`` (expert_noise,
     router_init_std) tune upcycling. Input x: [B, C, H, W] -> logits [B, num_classes].
     """
     if pretrained and checkpoint_path is not None:

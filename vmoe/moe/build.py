@@ -6,6 +6,7 @@ from typing import Iterator
 from torch import nn
 
 from .block import MoEBlock
+from .ensemble import EnsembleMoEMlp
 from .layer import MoEMlp
 from .routers import ROUTERS
 from .soft import SoftMoEMlp
@@ -13,7 +14,7 @@ from .soft import SoftMoEMlp
 __all__ = ["BLOCKS", "available_routers", "build_moe_mlp", "is_moe_layer", "iter_moe_layers"]
 
 # Schemes whose block is not "router + sort-based dispatch" (MoEMlp); every other name is a router.
-BLOCKS: dict[str, type[MoEBlock]] = {"soft": SoftMoEMlp}
+BLOCKS: dict[str, type[MoEBlock]] = {"soft": SoftMoEMlp, "ensemble": EnsembleMoEMlp}
 
 
 def available_routers() -> list[str]:

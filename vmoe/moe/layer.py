@@ -10,6 +10,7 @@ from .block import MoEBlock
 from .checks import check_positive_int
 from .config import RoutingSettings
 from .dispatch import combine_reference, moe_combine
+from .bf16_dispatch import bfloat16_rounded
 from .experts import StackedExperts
 from .routers import Router, build_router
 from .routing import Routing
@@ -37,6 +38,8 @@ class MoEMlp(MoEBlock):
     ``num_shared_experts`` K_s adds K_s always-on experts of hidden H/m (``shared_experts``);
     ``residual`` adds a dense MLP of hidden H to the MoE output (DeepSpeed residual MoE, ``residual``),
     ``residual_coefficient`` mixes the two with a learned per-token softmax (DeepSpeed's code).
+    ``bfloat16_dispatch`` rounds each expert's input and output to bfloat16 (the V-MoE reference's
+    ``dispatcher.bfloat16``); the combine weights and the sum over choices stay in the input's dtype.
     """
 
     supports_expert_parallel = True
@@ -67,6 +70,7 @@ class MoEMlp(MoEBlock):
         num_shared_experts: int = 0,
         residual: bool = False,
         residual_coefficient: bool = False,
+        bfloat16_dispatch: bool = False,
     ) -> None:
         if norm_layer is not None or use_conv:
             raise ValueError("MoEMlp supports neither norm_layer nor use_conv (timm Mlp options); got "
@@ -98,6 +102,8 @@ class MoEMlp(MoEBlock):
                                     residual_coefficient) if residual else None
         self._router_takes_seq_len = self.router.uses_sequence_length
         self.use_reference = False
+        # V-MoE's dispatcher.bfloat16: expert inputs and outputs rounded to bf16, combine in float32.
+        self.bfloat16_dispatch = bool(bfloat16_dispatch)
 
     @property
     def experts_per_token(self) -> int:
@@ -139,12 +145,13 @@ class MoEMlp(MoEBlock):
         out = self.router(groups, seq_len=t) if self._router_takes_seq_len else self.router(groups)
         routing = out.routing
         flat = x.reshape(b * t, -1)
+        rounded = bfloat16_rounded if self.bfloat16_dispatch else _unchanged
         if self.expert_parallel is not None:
-            y = moe_combine(flat, routing, self.expert_parallel.experts_fn(self.experts), self.num_experts)
+            y = moe_combine(flat, routing, rounded(self.expert_parallel.experts_fn(self.experts)), self.num_experts)
         elif self.use_reference:
-            y = combine_reference(flat, routing, self.experts.forward_expert, self.num_experts)
+            y = combine_reference(flat, routing, rounded(self.experts.forward_expert), self.num_experts)
         else:
-            y = moe_combine(flat, routing, self.experts, self.num_experts)
+            y = moe_combine(flat, routing, rounded(self.experts), self.num_experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if self.residual is not None:
@@ -155,7 +162,11 @@ class MoEMlp(MoEBlock):
         return y.reshape(b, t, -1)
 
     def extra_repr(self) -> str:
-        return f"group_size={self.group_size}"
+        return f"group_size={self.group_size}" + (", bfloat16_dispatch=True" if self.bfloat16_dispatch else "")
+
+
+def _unchanged(fn):
+    return fn
 
 
 @torch.no_grad()
