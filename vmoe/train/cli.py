@@ -32,11 +32,13 @@ EXTRA_COMMANDS: dict[str, str] = {
     "visualize": "vmoe.viz.cli:visualize_main",
     "sweep": "vmoe.viz.cli:sweep_main",
     "flops": "vmoe.models.flops:main",
+    "export": "vmoe.models.export:main", "fewshot": "vmoe.eval.cli:fewshot_main",
 }
 EXTRA_HELP: dict[str, str] = {
     "visualize": "Draw which patches each router kept, dropped, and sent to which expert.",
     "sweep": "Evaluate a checkpoint over a range of eval capacity factors and plot the curve.",
     "flops": "Count the FLOPs of a dense ViT and its V-MoE.",
+    "export": "Export a checkpoint as a timm folder.", "fewshot": "Few-shot linear evaluation of a checkpoint.",
 }
 # Model arguments the CLI links from the DataModule; never taken from a checkpoint's hyper-parameters.
 LINKED_FROM_DATA = ("num_classes", "img_size", "in_chans")
@@ -158,6 +160,11 @@ class VMoECLI(LightningCLI):
         for key, off in STARTING_WEIGHTS.items():
             if key not in explicit:
                 self.config[subcommand]["model"][key] = off
+
+    def after_fit(self) -> None:
+        from .checkpoints_report import report_checkpoints  # where `vmoe fit` wrote its checkpoints
+
+        report_checkpoints(self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
