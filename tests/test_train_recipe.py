@@ -80,8 +80,7 @@ def test_recipe_fit_logs_lr_fewshot_and_checkpoints_ema_weights(tmp_path, capsys
     fewshot = [r for r in rows if "fewshot/10shot" in r]
     assert len(fewshot) == 2 and all(0 <= r["fewshot/10shot"] <= 1 for r in fewshot)
     ckpt = torch.load(last, weights_only=False, map_location="cpu")
-    # EMA: state_dict holds the averaged weights, current_model_state the raw ones (6 steps: EMA starts at
-    # step 100 in the recipe, so here it is still the initial copy -- different from the trained weights)
+    # EMA: state_dict holds the averaged weights, current_model_state the raw ones
     assert "current_model_state" in ckpt
     key = "model.head.weight"
     assert not torch.equal(ckpt["state_dict"][key], ckpt["current_model_state"][key])

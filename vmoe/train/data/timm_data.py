@@ -16,7 +16,8 @@ from .base import ImageDataModule
 
 __all__ = ["TimmDataModule", "StrictImageDataset", "resolve_model_data_config", "folder_classes"]
 
-_STREAMING = ("wds/", "hfids/", "tfds/")  # iterable readers: no random access, no per-class sampling
+_STREAMING = ("wds/", "hfids/", "tfds/")
+_SPLIT_SYNONYMS = (("train", "training"), ("validation", "val", "valid", "eval", "evaluation"))  # as timm's folders  # iterable readers: no random access, no per-class sampling
 
 
 def resolve_model_data_config(model: str | None, *, img_size: int | None = None, in_chans: int = 3,
@@ -108,7 +109,8 @@ class TimmDataModule(ImageDataModule):
     Data: ``name`` "" (default) for an image folder or tar file, else a timm reader prefix: "wds/<name>"
     (WebDataset shards with timm's _info.json), "hfds/<hub id>" / "hfids/<hub id>" (Hugging Face datasets),
     "tfds/<name>". ``root``: the folder (or .tar) holding the splits; for folders and tars a split is
-    ``root/<split>`` (a directory or ``<split>.tar``), or a path of its own. ``train_split`` / ``val_split`` /
+    ``root/<split>`` (a directory or ``<split>.tar``; "validation" also finds val/, valid/, eval/, as timm does), or a
+    path of its own. ``train_split`` / ``val_split`` /
     ``test_split`` (default: val_split). Classes: ``class_map`` (a dict or timm's .txt file), else the
     sub-directories (or the tar's folders) of the train split in timm's natural order, shared by every split;
     streaming and Hugging Face readers need ``num_classes``.
@@ -173,11 +175,13 @@ class TimmDataModule(ImageDataModule):
     def split_path(self, split: str) -> Path:
         """Where a folder/tar split lives: root/<split>, root/<split>.tar, or the split as a path."""
         value = self.splits[split]
-        for candidate in (Path(self.root) / value, Path(self.root) / f"{value}.tar", Path(value)):
+        names = [value] + [n for group in _SPLIT_SYNONYMS if value in group for n in group if n != value]
+        candidates = [Path(self.root) / f"{n}{ext}" for n in names for ext in ("", ".tar")] + [Path(value)]
+        for candidate in candidates:
             if candidate.exists():
                 return candidate
-        raise FileNotFoundError(f"{split} split {value!r} not found: tried {Path(self.root) / value}, "
-                                f"{Path(self.root) / value}.tar and {value!r} (root={self.root!r})")
+        raise FileNotFoundError(f"{split} split {value!r} not found: tried {', '.join(map(str, candidates))} "
+                                f"(root={self.root!r})")
 
     def _sort_natural(self) -> bool:
         return True
