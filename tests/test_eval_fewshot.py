@@ -83,3 +83,28 @@ def test_select_l2_takes_the_best_held_out_accuracy_ties_to_the_larger_strength(
     assert acc == max(accs.values()) and l2 == max(v for v in grid if accs[v] == acc)
     with pytest.raises(ValueError, match="empty"):
         select_l2(x, y, hx, hy, 3, [])
+
+
+def test_features_of_a_tiny_vit_and_callback_arguments():
+    import timm
+
+    from vmoe.eval.callback import FewShotEvaluation
+    from vmoe.eval.features import dataset_labels, extract_features, select_pool
+    from vmoe.train.data import TensorImageDataset
+
+    net = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                            num_classes=3, in_chans=1).train()
+    images, labels = torch.randn(10, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    ds = TensorImageDataset(images, labels)
+    feats, got = extract_features(net, ds, indices=[1, 3, 4], batch_size=2)
+    assert feats.shape == (3, 32) and got.tolist() == [1, 0, 1] and net.training  # mode restored
+    with torch.no_grad():
+        expected = net.eval().forward_head(net.forward_features(images[[1, 3, 4]]), pre_logits=True)
+    assert torch.allclose(feats, expected, atol=1e-6)
+    assert torch.equal(dataset_labels(torch.utils.data.Subset(ds, [9, 0])), torch.tensor([2, 0]))
+    pool = select_pool(labels, 2, seed=0)
+    assert sorted(labels[pool].tolist()) == [0, 0, 1, 1, 2, 2] and torch.equal(pool, select_pool(labels, 2, seed=0))
+    with pytest.raises(ValueError, match="pool must be"):
+        FewShotEvaluation(pool="test", split="test")
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        FewShotEvaluation(every_n_epochs=0)
