@@ -5,7 +5,6 @@ distributed sampler for map-style datasets; timm's iterable readers split shards
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
