@@ -106,3 +106,21 @@ def test_flops_takes_a_training_config(capsys):
     assert "at 16px, 1 channel(s), 10 classes" in out and "V-MoE E8 K2 every-2" in out
     with pytest.raises(SystemExit, match="only"):
         main(["flops", "--config", QUICKSTART, "--k", "1"])
+
+
+def test_warns_when_data_normalisation_differs_from_the_pretrained_weights():
+    import types
+    import warnings
+
+    from vmoe.train.mixup import warn_if_normalisation_differs
+
+    m = ImageClassifier(backbone="vit_tiny_patch16_224", num_classes=4, img_size=8, in_chans=3, moe_layers=None,
+                        model_kwargs=dict(patch_size=4, embed_dim=32, depth=1, num_heads=2))
+    m.hparams.pretrained = True  # as if timm's augreg weights (mean/std 0.5) had been loaded
+    assert m.model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    for mean, expect_warning in (((0.485, 0.456, 0.406), True), ((0.5, 0.5, 0.5), False)):
+        m._trainer = types.SimpleNamespace(datamodule=types.SimpleNamespace(mean=mean, std=(0.5, 0.5, 0.5)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_normalisation_differs(m)
+        assert any("pretrained weights expect" in str(w.message) for w in caught) == expect_warning
