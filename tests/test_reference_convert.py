@@ -82,7 +82,11 @@ def test_fine_tune_a_converted_checkpoint_with_vmoe_fit_and_test(tmp_path):
     assert 0 <= _last_metrics(root / "lightning_logs" / "version_1")["test/acc1"] <= 1
 
 
-def test_convert_refuses_a_missing_checkpoint_and_writes_nothing(tmp_path):
+def test_convert_refuses_a_missing_checkpoint_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VMOE_DEBUG", raising=False)
+    assert main(["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 1
+    assert "vmoe convert: error: FileNotFoundError" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("VMOE_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="nope.index"):
         main(["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ the weights from scratch, from a checkpoint or by upcycling a dense ViT (see doc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 import re
@@ -18,6 +19,7 @@ from ..moe import MoEConfig, build_moe_mlp
 from .checkpoint import load_weights, read_state_dict
 from .ensemble import to_ensemble
 from .finetune import finetune_state_dict
+from .naming import record_moe_args
 from .upcycle import upcycle_state_dict
 
 __all__ = ["parse_moe_layers", "mlp_config", "convert_to_moe", "create_vmoe", "upcycle"]
@@ -125,6 +127,7 @@ def convert_to_moe(model: nn.Module, moe: MoEConfig | None = None, **settings: A
         layer = build_moe_mlp(**mlp_config(block.mlp), **moe.block_kwargs(count))
         # the new block lives where the dense one did (GPU, bf16 or meta models stay uniform)
         block.mlp = layer.to(device=ref.device, dtype=ref.dtype) if ref is not None else layer
+    record_moe_args(model, dataclasses.asdict(moe))  # the model now calls itself "vmoe" for timm's export
     return to_ensemble(model)  # E³ (router="ensemble"): the batch repeat before the first MoE block
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ...io import atomic_write
 
 __all__ = ["convert", "convert_main", "CONFIG_FORMAT"]
 
@@ -21,14 +22,8 @@ _VIT_FROM_DATA = ("num_classes", "img_size", "in_chans")
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def _fit_model_section(create: dict[str, Any], weights: Path) -> dict[str, Any]:
