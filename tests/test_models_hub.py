@@ -46,19 +46,19 @@ def test_create_vmoe_model_is_named_vmoe_and_round_trips_through_local_dir(tmp_p
 
 def test_registry_name_loads_vmoe_weights_as_they_are(tmp_path):
     torch.manual_seed(1)
-    model = timm.create_model("vmoe_ti16_e8_every2", **TINY_VIT)
+    model = timm.create_model("vmoe_timm_ti16_e8_every2", **TINY_VIT)
     save_pretrained(model, tmp_path)
     # Before the fix the upcycle filter rejected V-MoE weights; now they load unchanged.
     loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
-    assert loaded.pretrained_cfg["architecture"] == "vmoe_ti16_e8_every2"
+    assert loaded.pretrained_cfg["architecture"] == "vmoe_timm_ti16_e8_every2"
     assert _same_outputs(model, loaded, 3)
     # the file route of the registry too (num_classes=10: else timm resets the head of "1000-class" weights);
     # upcycle arguments make no sense for V-MoE weights
-    again = timm.create_model("vmoe_ti16_e8_every2", pretrained=True, **TINY_VIT,
+    again = timm.create_model("vmoe_timm_ti16_e8_every2", pretrained=True, **TINY_VIT,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"), num_classes=10))
     assert _same_outputs(model, again, 3)
     with pytest.raises(ValueError, match="already a V-MoE"):
-        timm.create_model("vmoe_ti16_e8_every2", pretrained=True, expert_noise=0.1, **TINY_VIT,
+        timm.create_model("vmoe_timm_ti16_e8_every2", pretrained=True, expert_noise=0.1, **TINY_VIT,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
 
 

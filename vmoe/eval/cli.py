@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..io import atomic_write
 from .features import few_shot_features
 from .fewshot import DEFAULT_L2_GRID, fewshot_evaluate, format_fewshot_table
 from .progress import progress
@@ -118,12 +119,9 @@ def fewshot(argv: list[str] | None = None) -> list[dict]:
           + (f" (data from {source})" if source else ""))
     print(format_fewshot_table(rows))
     out = args.out or default_output(args.ckpt_path)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(out) as f:
         json.dump({"ckpt_path": args.ckpt_path, "datamodule": type(dm).__name__, "pool": args.pool,
                    "split": args.split, "seed": args.seed, "rows": rows}, f, indent=1)
-    os.replace(tmp, out)
     print(f"wrote {out}")
     return rows
 

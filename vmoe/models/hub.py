@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..io import atomic_path
 from ..moe import MoEConfig, iter_moe_layers
 from .build import convert_to_moe
 from .naming import GENERIC_NAME, is_vmoe_architecture, record_moe_args
@@ -97,12 +98,15 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, mode
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     model_config = {"label_names": list(label_names)} if label_names else None
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".save_pretrained."))
+    # timm writes both files into a private folder; each is then moved into place through the atomic-write helper
+    tmp = out / f".save_pretrained.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=model_args, safe_serialization=True,
                     data_config=data_config)
         for name in ("model.safetensors", "config.json"):  # config last: a loader never sees new config, old weights
-            os.replace(tmp / name, out / name)
+            with atomic_path(out / name) as target:
+                shutil.move(tmp / name, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

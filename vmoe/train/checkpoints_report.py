@@ -4,6 +4,8 @@ from __future__ import annotations
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .callbacks import LastCheckpoint
+
 __all__ = ["checkpoint_lines", "report_checkpoints"]
 
 
@@ -20,6 +22,10 @@ def checkpoint_lines(trainer: Trainer) -> list[str]:
             lines.append(f"  best: {callback.best_model_path}{shown}")
         if callback.last_model_path:
             lines.append(f"  last: {callback.last_model_path}")
+    # last.ckpt comes from LastCheckpoint (ModelCheckpoint's save_last only follows new bests in Lightning 2.6)
+    for callback in trainer.callbacks:
+        if isinstance(callback, LastCheckpoint) and callback.last_path is not None:
+            lines.append(f"  last: {callback.last_path}")
     if lines and trainer.log_dir:
         lines.append(f"logs and config.yaml: {trainer.log_dir}")
     return lines
