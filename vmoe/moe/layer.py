@@ -1,12 +1,13 @@
 """The sparse MoE block: a drop-in for timm's Mlp (SPEC 4, 6)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .dispatch import combine_reference, moe_combine
+from .dispatch import Dispatch, DispatchPrecision, build_dispatch
 from .experts import StackedExperts
 from .routers import Router, build_router
 from .routing import Routing
@@ -34,6 +35,10 @@ class MoEMlp(nn.Module):
     ``num_shared_experts`` K_s adds K_s always-on experts of hidden H/m (``shared_experts``);
     ``residual`` adds a dense MLP of hidden H to the MoE output (DeepSpeed residual MoE, ``residual``),
     ``residual_coefficient`` mixes the two with a learned per-token softmax (DeepSpeed's code).
+
+    ``dispatch``: how tokens reach the experts, a :mod:`vmoe.moe.dispatch` strategy or its name: "auto"
+    (static-capacity buffers under torch.compile/export and on GPU, sorted blocks on CPU eager), "sorted",
+    "static" or "reference" (the plain per-expert loop). ``moe.dispatch = "static"`` switches it later.
     """
 
     is_moe_layer = True
@@ -64,6 +69,7 @@ class MoEMlp(nn.Module):
         num_shared_experts: int = 0,
         residual: bool = False,
         residual_coefficient: bool = False,
+        dispatch: str | Dispatch = "auto",
     ) -> None:
         super().__init__()
         if norm_layer is not None or use_conv:
@@ -98,12 +104,36 @@ class MoEMlp(nn.Module):
         self.residual = ResidualMLP(in_features, hidden_features, out_features, act_layer, bias, drop,
                                     residual_coefficient) if residual else None
         self._router_takes_seq_len = bool(getattr(self.router, "uses_sequence_length", False))
-        self.use_reference = False
-        # Set by vmoe.distributed.shard_experts: experts sharded over ranks, tokens sent by all-to-all.
-        self.expert_parallel = None
+        self.dispatch = dispatch
         self.aux_loss: Tensor = torch.zeros(())
         self.metrics: dict[str, Tensor] = {}
         self.last_routing: Routing | None = None
+
+    @property
+    def dispatch(self) -> Dispatch:
+        """The dispatch strategy; set it by name or as a :class:`vmoe.moe.dispatch.Dispatch`."""
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, value: str | Dispatch) -> None:
+        precision = getattr(getattr(self, "_dispatch", None), "precision", None)
+        self._dispatch = build_dispatch(value, precision or DispatchPrecision())
+
+    @property
+    def use_reference(self) -> bool:
+        """Deprecated: ``moe.dispatch = "reference"`` (True) or ``"auto"`` (False)."""
+        return self._dispatch.name == "reference"
+
+    @use_reference.setter
+    def use_reference(self, value: bool) -> None:
+        warnings.warn("MoEMlp.use_reference is deprecated; set moe.dispatch = 'reference' (or 'auto')",
+                      DeprecationWarning, stacklevel=3)
+        self.dispatch = "reference" if value else "auto"
+
+    @property
+    def expert_parallel(self):
+        """The :class:`vmoe.distributed.ExpertParallel` layout when the dispatch is expert-parallel, else None."""
+        return getattr(self._dispatch, "expert_parallel", None)
 
     # Routing settings live on the router; these make them reachable from the block.
     @property
@@ -137,24 +167,23 @@ class MoEMlp(nn.Module):
             raise ValueError(f"MoEMlp expects width D={self.in_features}, got x of shape {tuple(x.shape)}")
         n = x.shape[0] * x.shape[1]
         size = self.group_size or n
+        if n == 0:
+            return x.reshape(0, size, x.shape[-1])
         if n % size:
             raise ValueError(f"group_size={size} does not divide B*T={x.shape[0]}*{x.shape[1]}={n}; "
                              f"choose a divisor of {n} or None (the whole batch)")
         return x.reshape(n // size, size, x.shape[-1])
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [B, T, D] -> [B, T, D_out]."""
-        b, t, _ = x.shape if x.dim() == 3 else (0, 0, 0)
+        """x: [B, T, D] -> [B, T, D_out]; B = 0 or T = 0 gives an empty [B, T, D_out] like timm's Mlp."""
         groups = self._groups(x)  # [G, S, D]
+        b, t, _ = x.shape
+        if groups.numel() == 0:
+            return self._empty(x)
         out = self.router(groups, seq_len=t) if self._router_takes_seq_len else self.router(groups)
         routing = out.routing
         flat = x.reshape(b * t, -1)
-        if self.expert_parallel is not None:
-            y = moe_combine(flat, routing, self.expert_parallel.experts_fn(self.experts), self.num_experts)
-        elif self.use_reference:
-            y = combine_reference(flat, routing, self.experts.forward_expert, self.num_experts)
-        else:
-            y = moe_combine(flat, routing, self.experts, self.num_experts)
+        y = self._dispatch(flat, routing, self.experts, self.router.capacity(groups.shape[1]))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if self.residual is not None:
@@ -164,13 +193,32 @@ class MoEMlp(nn.Module):
         self.last_routing = routing.reshape(b, t)
         return y.reshape(b, t, -1)
 
+    def _empty(self, x: Tensor) -> Tensor:
+        """No tokens: an empty output still connected to x and the expert weights, zero metrics."""
+        b, t, d = x.shape
+        flat = x.reshape(0, d)
+        y = self.experts.forward_expert(0, flat)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if self.residual is not None:
+            y = self.residual(flat, y)
+        k = self.k or 1
+        index = torch.zeros(b, t, k, dtype=torch.long, device=x.device)
+        self.last_routing = Routing(index, index - 1, torch.zeros(b, t, k, device=x.device))
+        self.aux_loss = y.new_zeros((), dtype=torch.float32)
+        zero = torch.zeros((), device=x.device)
+        self.metrics = {"tokens_per_expert": torch.zeros(self.num_experts, device=x.device),
+                        "dropped_fraction": zero, "dropped_tokens_fraction": zero, "load_cv": zero}
+        return y.reshape(b, t, y.shape[-1])
+
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}"
 
 
 @torch.no_grad()
 def routing_metrics(routing: Routing, num_experts: int) -> dict[str, Tensor]:
-    """Detached load statistics of a routing [..., S, K] (no host sync).
+    """Detached load statistics of a routing [..., S, K] (no host sync, no bincount: compile-clean and
+    deterministic on CUDA, counts are integer scatter-adds into [E]).
 
     tokens_per_expert [E]: kept assignments per expert, summed over groups.
     dropped_fraction: share of assignments that got no slot.
@@ -179,8 +227,9 @@ def routing_metrics(routing: Routing, num_experts: int) -> dict[str, Tensor]:
     """
     expert = routing.expert_index.reshape(-1)
     kept = routing.slot_index.reshape(-1) >= 0
-    requested = torch.bincount(expert, minlength=num_experts).float()
-    tokens = torch.bincount(expert, weights=kept.float(), minlength=num_experts)
+    zeros = torch.zeros(num_experts, dtype=torch.long, device=expert.device)
+    requested = zeros.scatter_add(0, expert, torch.ones_like(expert)).float()
+    tokens = zeros.scatter_add(0, expert, kept.long()).float()
     kept_tokens = routing.kept.reshape(-1, routing.kept.shape[-1]).any(-1)
     return {
         "tokens_per_expert": tokens,

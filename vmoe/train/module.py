@@ -73,6 +73,10 @@ class ImageClassifier(L.LightningModule):
     Optimiser: AdamW/Adam (``betas``) or SGD (``momentum``, Nesterov); no weight decay on biases, norms,
     position embeddings and tokens; per-step linear warmup then ``lr_decay`` down to ``min_lr_ratio * lr``.
     Logs {train,val,test}/{loss,acc1,acc5,aux_loss} and {stage}/moe/block{i}/{load_cv,dropped_fraction}.
+
+    ``compile=True`` compiles the network in ``configure_model`` (``nn.Module.compile``: parameter names and
+    checkpoints are unchanged; the MoE layers take the static-capacity dispatch); ``compile_kwargs`` go to
+    ``torch.compile`` (e.g. ``{mode: max-autotune}`` or ``{backend: aot_eager}``).
     """
 
     def __init__(
@@ -104,6 +108,8 @@ class ImageClassifier(L.LightningModule):
         lr_decay: Literal["cosine", "linear", "constant"] = "cosine",
         min_lr_ratio: float = 0.0,
         label_smoothing: float = 0.0,
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -119,6 +125,8 @@ class ImageClassifier(L.LightningModule):
             raise ValueError("eval_capacity_factor, batch_priority and upcycle_kwargs act on MoE layers, but "
                              f"moe_layers=None builds a dense model (got eval_capacity_factor={eval_capacity_factor}, "
                              f"batch_priority={batch_priority}, upcycle_kwargs={upcycle_kwargs})")
+        if compile_kwargs and not compile:
+            raise ValueError(f"compile_kwargs={compile_kwargs} needs compile=True")
         if eval_capacity_factor is not None and not eval_capacity_factor > 0:
             raise ValueError(f"eval_capacity_factor must be > 0 or None, got {eval_capacity_factor}")
         moe = {} if moe_layers is None else dict(
@@ -137,6 +145,11 @@ class ImageClassifier(L.LightningModule):
             if num_classes >= 5:
                 accuracy[f"{stage}_acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.accuracy = nn.ModuleDict(accuracy)
+
+    def configure_model(self) -> None:
+        if self.hparams.get("compile") and not getattr(self, "_compiled", False):
+            self.model.compile(**(self.hparams.get("compile_kwargs") or {}))
+            self._compiled = True
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, in_chans, img_size, img_size] -> logits [B, num_classes]."""
