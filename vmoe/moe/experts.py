@@ -1,6 +1,7 @@
 """Stacked expert MLPs (SPEC 6): E copies of timm's Mlp (fc1, act, drop, fc2, drop) in one module."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -88,7 +89,10 @@ class StackedExperts(nn.Module):
         (bias fused), in the autocast dtype under autocast (the static-capacity path)."""
         dtype = compute_dtype(x)
         w1, w2 = self.fc1_weight.to(dtype), self.fc2_weight.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        # Cast once above instead of letting autocast cast again (entering the context only when it is on
+        # keeps exported graphs free of autocast wrappers).
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             x = x.to(dtype)
             if self.fc1_bias is not None:
                 h = torch.baddbmm(self.fc1_bias.to(dtype).unsqueeze(1), x, w1.transpose(1, 2))

@@ -188,9 +188,10 @@ class MoEMlp(nn.Module):
             y = y + self.shared_experts(flat)
         if self.residual is not None:
             y = self.residual(flat, y)
-        self.aux_loss = out.aux_loss
-        self.metrics = {**routing_metrics(routing, self.num_experts), **out.metrics}
-        self.last_routing = routing.reshape(b, t)
+        if not torch.compiler.is_exporting():  # an exported program returns its output only
+            self.aux_loss = out.aux_loss
+            self.metrics = {**routing_metrics(routing, self.num_experts), **out.metrics}
+            self.last_routing = routing.reshape(b, t)
         return y.reshape(b, t, -1)
 
     def _empty(self, x: Tensor) -> Tensor:
