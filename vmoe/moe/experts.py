@@ -86,24 +86,32 @@ class StackedExperts(nn.Module):
 
     def forward_buffers(self, x: Tensor) -> Tensor:
         """Expert e on its buffer x[e]: x [E, M, D] -> [E, M, D_out], one batched matmul per layer
-        (bias fused), in the autocast dtype under autocast (the static-capacity path)."""
+        (bias fused), in the autocast dtype under autocast (the static-capacity path).
+
+        Computed transposed, h^T = W1 x^T [E, H, M]: autograd's bmm backward then produces the weight
+        gradients directly in the parameters' [E, H, D] / [E, D, H] layout (the untransposed form makes
+        [E, D, H] gradients that AccumulateGrad copies into the parameter layout, E*H*D floats per layer).
+        """
         dtype = compute_dtype(x)
         w1, w2 = self.fc1_weight.to(dtype), self.fc2_weight.to(dtype)
         # Cast once above instead of letting autocast cast again (entering the context only when it is on
         # keeps exported graphs free of autocast wrappers).
         autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            x = x.to(dtype)
+            xt = x.to(dtype).transpose(1, 2)  # [E, D, M]
             if self.fc1_bias is not None:
-                h = torch.baddbmm(self.fc1_bias.to(dtype).unsqueeze(1), x, w1.transpose(1, 2))
+                ht = torch.baddbmm(self.fc1_bias.to(dtype).unsqueeze(-1), w1, xt)
             else:
-                h = torch.bmm(x, w1.transpose(1, 2))
-            h = self.drop(self.act(h))
+                ht = torch.bmm(w1, xt)
+            at = self.act(ht)  # [E, H, M]
+            if self.drop.p > 0:
+                at = self.drop(at)
             if self.fc2_bias is not None:
-                y = torch.baddbmm(self.fc2_bias.to(dtype).unsqueeze(1), h, w2.transpose(1, 2))
+                yt = torch.baddbmm(self.fc2_bias.to(dtype).unsqueeze(-1), w2, at)
             else:
-                y = torch.bmm(h, w2.transpose(1, 2))
-        return self.drop(y)
+                yt = torch.bmm(w2, at)
+        y = yt.transpose(1, 2)  # [E, M, D_out]
+        return self.drop(y) if self.drop.p > 0 else y
 
     def _forward_loop(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         # unbind, not weight[e]: indexing a stacked parameter inside autograd allocates a full-size
