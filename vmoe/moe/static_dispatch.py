@@ -47,7 +47,8 @@ def static_slots(routing: Routing, num_experts: int, capacity: int) -> StaticSlo
     # Dropped assignments write to a discard row R (dropped from the buffer) and read row 0 with weight 0.
     write = torch.where(kept, dest, torch.full_like(dest, rows)).reshape(-1)
     token = torch.arange(g * s * k, device=write.device) // k
-    source = torch.full((rows + 1,), g * s, dtype=torch.long, device=write.device).scatter_(0, write, token)
+    # index_put_ (not scatter_): it has a deterministic CUDA implementation for --trainer.deterministic.
+    source = torch.full((rows + 1,), g * s, dtype=torch.long, device=write.device).index_put_((write,), token)
     read = torch.where(kept, dest, torch.zeros_like(dest)).reshape(-1)
     return StaticSlots(read, source[:rows])
 
