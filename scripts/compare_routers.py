@@ -12,7 +12,6 @@ Each run goes to runs/compare_routers/<scheme>/; the table is also written as ta
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import lightning as L
 import torch
 from jsonargparse import CLI
 
+from vmoe.io import atomic_write
 from vmoe.models import aux_loss
 from vmoe.moe import iter_moe_layers
 from vmoe.train.data import DigitsDataModule
@@ -127,9 +127,8 @@ def main(schemes: list[str] | None = None, max_epochs: int = 15, seed: int = 0, 
     table = format_table(results)
     print(table)
     for filename, text in (("table.md", table + "\n"), ("results.json", json.dumps(results, indent=2))):
-        tmp = out_dir / f".{filename}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / filename)
+        with atomic_write(out_dir / filename) as f:
+            f.write(text)
     return results
 
 

@@ -12,6 +12,9 @@ Run as a script (``python tests/test_distributed_fsdp.py OUT_DIR``), this file, 
 3. the same two ViT fits with ``precision="bf16-mixed"`` (autocast), recording per training forward whether
    autocast was on and the dtypes of the router logits and of the MoE layer's output.
 
+Run as ``python tests/test_distributed_fsdp.py OUT_DIR resume CKPT STEPS``, it resumes a checkpoint written by
+one process on 2 ranks with the FSDP strategy (the 2 -> 1 -> 2 world-size test).
+
 The tests check in one process: TinyMoENet weights and momenta equal the single-process reference
 (the mean of both ranks' losses, clipping over the whole model) after 2 steps and after the resume; the
 checkpoints hold full plain tensors and load with a plain ``load_state_dict``, giving each rank's logits;
@@ -133,6 +136,31 @@ def main(out: Path) -> None:
 @lru_cache(maxsize=1)
 def _run_script(out: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, __file__, out], capture_output=True, text=True, timeout=600)
+
+
+class RecordBatches(L.Callback):
+    """Saves each training batch of each rank (``<prefix>_step{global_step}_rank{rank}.pt``)."""
+
+    def __init__(self, out: Path, prefix: str) -> None:
+        self.out, self.prefix = out, prefix
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.save(batch, self.out / f"{self.prefix}_step{trainer.global_step}_rank{trainer.global_rank}.pt")
+
+
+def resume_on_two_ranks(out: Path, ckpt: Path, max_steps: int) -> None:
+    """Second script run: the FSDP strategy on 2 ranks resumes ``ckpt`` (written by 1 process) up to max_steps."""
+    from vmoe.distributed import ExpertParallelFSDPStrategy
+    torch.set_num_threads(1)
+    torch.manual_seed(5)  # other initial weights: all must come from the checkpoint
+    model = ddp_test.TinyMoENet()
+    trainer = L.Trainer(strategy=ExpertParallelFSDPStrategy(shard_modules=("Linear", "MoEMlp")), accelerator="cpu",
+                        devices=2, max_steps=max_steps, gradient_clip_val=CLIP, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[RecordBatches(out, "two")])
+    trainer.fit(model, DataLoader(ddp_test.dataset(), batch_size=ddp_test.BATCH), ckpt_path=ckpt)
+    assert model.moe.experts.fc1_weight.shape[0] == E // 2  # sliced again on 2 ranks
+    trainer.save_checkpoint(out / f"ep{max_steps}_two.ckpt")
 
 
 def script_dir(tmp_path_factory) -> Path:
@@ -261,5 +289,56 @@ def test_distributed_fsdp_accepts_32_true_and_bf16_mixed_plugins():
         strategy._check_precision()
 
 
+def _replay_step(model, opt, batches) -> None:
+    """One optimizer step of the 2-rank semantics in one process: the mean of the ranks' losses, norm clipping
+    over the whole model (each rank's batch routed on its own)."""
+    opt.zero_grad()
+    (sum(model.loss(b) for b in batches) / len(batches)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+
+
+def _snapshot(model, opt):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()])
+
+
+def test_distributed_fsdp_resumes_on_another_world_size(tmp_path_factory):
+    """2 ranks (FSDP2 + 2 expert shards) -> 1 process -> 2 ranks again, one step each after the first two:
+    weights and momenta equal a one-process replay of the same batches at every stage (1e-5)."""
+    out = script_dir(tmp_path_factory)
+    # 2 -> 1: a plain single-process Trainer resumes the 2-rank checkpoint (full experts, full moments).
+    torch.manual_seed(3)
+    one = ddp_test.TinyMoENet()
+    batches = []
+    record = L.Callback()
+    record.on_train_batch_start = lambda trainer, module, batch, idx: batches.append(batch)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, gradient_clip_val=CLIP, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[record])
+    trainer.fit(one, DataLoader(ddp_test.dataset(), batch_size=ddp_test.BATCH), ckpt_path=out / "ep2.ckpt")
+    assert trainer.global_step == 3 and len(batches) == 1
+    trainer.save_checkpoint(out / "ep3_one.ckpt")
+    # 1 -> 2: the FSDP strategy on 2 ranks resumes the single-process checkpoint.
+    run = subprocess.run([sys.executable, __file__, str(out), "resume", str(out / "ep3_one.ckpt"), "4"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+
+    ref = ddp_test.TinyMoENet()
+    ep2 = torch.load(out / "ep2.ckpt", weights_only=False)
+    ref.load_state_dict(ep2["state_dict"])
+    opt = ref.configure_optimizers()
+    opt.load_state_dict(ep2["optimizer_states"][0])
+    _replay_step(ref, opt, batches)  # step 3, one process, one batch
+    assert_matches(torch.load(out / "ep3_one.ckpt", weights_only=False), _snapshot(ref, opt))
+    two = [torch.load(out / f"two_step3_rank{r}.pt") for r in (0, 1)]
+    assert not torch.equal(two[0][0], two[1][0])  # each rank had its own batch
+    _replay_step(ref, opt, two)  # step 4, two ranks
+    assert_matches(torch.load(out / "ep4_two.ckpt", weights_only=False), _snapshot(ref, opt))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[2] == "resume":
+        resume_on_two_ranks(Path(sys.argv[1]), Path(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main(Path(sys.argv[1]))

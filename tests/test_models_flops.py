@@ -60,3 +60,49 @@ def test_main_prints_table(capsys):
           "--moe_layers", "last-2"])
     out = capsys.readouterr().out
     assert "vit_tiny_patch16_224" in out and "V-MoE E4 K1 last-2" in out and "GFLOPs/img" in out
+
+
+def test_expert_choice_counts_its_real_choices_per_token():
+    """E=4, c=2, one image of T=17 tokens per group: each expert takes C = ceil(17 * 2 / 4) = 9 tokens, so
+    36 expert passes for 17 tokens (36/17 per token), not E=4 per token (its formal k)."""
+    from vmoe.models.flops import choices_per_token
+    model = create_vmoe("vit_small_patch16_224", moe_layers="every-1", num_experts=4, router="expert_choice",
+                        **ARCH).eval()
+    layer = model.blocks[0].mlp
+    assert layer.k == 4 and choices_per_token(layer, 17) == 36 / 17
+    cost = model_cost(model)
+    dense = model_cost(timm.create_model("vit_small_patch16_224", **ARCH))
+    mlp = 2 * (32 * 128 + 128 * 32)  # one expert pass of one token
+    assert cost.flops - dense.flops == 2 * ((36 - 17) * mlp + 2 * 17 * 32 * 4)  # 36 passes instead of 17, router
+    assert cost.experts_per_token == 36 / 17
+    per_expert = 2 * 32 * 128 + 128 + 32
+    assert cost.params - cost.active_params == 2 * round((4 - 36 / 17) * per_expert)
+    with torch.no_grad():
+        assert counted_flops(model, torch.randn(1, 3, 16, 16)) == cost.flops
+
+
+def test_dense_moe_uses_every_expert_unless_capacity_is_short():
+    from vmoe.models.flops import choices_per_token
+    model = create_vmoe("vit_small_patch16_224", moe_layers="every-1", num_experts=4, router="dense", **ARCH).eval()
+    assert choices_per_token(model.blocks[0].mlp, 17) == 4  # C = 20 slots per expert >= 17 tokens
+    with torch.no_grad():
+        assert counted_flops(model, torch.randn(1, 3, 16, 16)) == model_cost(model).flops
+    short = create_vmoe("vit_small_patch16_224", moe_layers="every-1", num_experts=4, router="dense",
+                        capacity_factor=0.25, **ARCH).eval()
+    # C = ceil(17 * 4 * 0.25 / 4) = 5 -> 8 (multiple of 4): at most 4 * 8 = 32 of the 68 assignments run
+    assert choices_per_token(short.blocks[0].mlp, 17) == 32 / 17
+
+
+def test_main_reports_expert_choice_per_token(capsys):
+    main(["--backbone", "vit_tiny_patch16_224", "--img_size", "32", "--num_experts", "4", "--router",
+          "expert_choice", "--moe_layers", "last-1"])
+    out = capsys.readouterr().out
+    # 4 patches + CLS = 5 tokens, C = ceil(5 * 2 / 4) = 3: 12 passes for 5 tokens = 2.4 per token
+    assert "V-MoE E4 expert_choice last-1" in out and " 2.4 " in out
+
+
+def test_options_are_not_abbreviated(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        main(["--backbone", "vit_tiny_patch16_224", "--num_expert", "4"])
+    assert "--num_expert" in capsys.readouterr().err

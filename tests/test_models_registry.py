@@ -1,4 +1,5 @@
-"""The vmoe_* timm names: build, forward, real configs, and pretrained loading that upcycles dense weights."""
+"""The vmoe_timm_* names (timm-shaped V-MoEs for upcycling): build, forward, real configs, pretrained loading
+that upcycles dense weights, and the deprecated names without timm_."""
 import pytest
 import timm
 import torch
@@ -6,19 +7,20 @@ from safetensors.torch import save_file
 
 import vmoe  # noqa: F401  (registers the names)
 from vmoe.models import UPCYCLE_FROM, VMOE_MODELS, moe_block_indices
+from vmoe.models.registry import DEPRECATED_NAMES
 
-NAMES = ["vmoe_ti16_e8_every2", "vmoe_s16_e8_every2", "vmoe_s32_e8_last2", "vmoe_b16_e8_every2",
-         "vmoe_b32_e8_last2", "vmoe_l16_e8_every2"]
+NAMES = ["vmoe_timm_ti16_e8_every2", "vmoe_timm_s16_e8_every2", "vmoe_timm_s32_e8_last2", "vmoe_timm_b16_e8_every2",
+         "vmoe_timm_b32_e8_last2", "vmoe_timm_l16_e8_every2"]
 SMALL = dict(embed_dim=32, num_heads=2)  # keeps depth, patch size and placement of the real config
 
 
 def test_names_are_registered_with_dense_pretrained_cfg():
-    assert sorted(timm.list_models("vmoe_*")) == sorted(NAMES)
+    assert sorted(timm.list_models("vmoe_timm_*")) == sorted(NAMES)
     for name in NAMES:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.hf_hub_id == f"timm/{UPCYCLE_FROM[name]}" and cfg.architecture == name
         assert UPCYCLE_FROM[name].startswith("vit_") and cfg.notes == (f"upcycle_from={UPCYCLE_FROM[name]}",)
-    assert timm.models.get_pretrained_cfg("vmoe_s16_e8_every2").hf_hub_id == \
+    assert timm.models.get_pretrained_cfg("vmoe_timm_s16_e8_every2").hf_hub_id == \
         "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"
 
 
@@ -70,14 +72,14 @@ def _check_experts_copy_dense(model, dense):
 
 def test_pretrained_from_local_file_upcycles_through_timm_loading(tmp_path):
     dense, path = _dense_file(tmp_path, ".safetensors")
-    model = timm.create_model("vmoe_s16_e8_every2", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+    model = timm.create_model("vmoe_timm_s16_e8_every2", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                               img_size=16, patch_size=4, depth=4, num_classes=10, in_chans=1, **SMALL)
     _check_experts_copy_dense(model, dense)
     assert torch.equal(model.pos_embed, dense.pos_embed)
     assert model.head.weight.shape == (10, 32)  # reset: 1000 pretrained classes vs 10
     # timm's single-channel adaptation of the patch embedding: the sum over RGB
     assert torch.allclose(model.patch_embed.proj.weight, dense.patch_embed.proj.weight.sum(1, keepdim=True))
-    assert model.pretrained_cfg["architecture"] == "vmoe_s16_e8_every2"
+    assert model.pretrained_cfg["architecture"] == "vmoe_timm_s16_e8_every2"
 
 
 def test_pretrained_from_hub_fetches_the_dense_weights(tmp_path, monkeypatch):
@@ -89,9 +91,21 @@ def test_pretrained_from_hub_fetches_the_dense_weights(tmp_path, monkeypatch):
         return {k: v.clone() for k, v in dense.state_dict().items()}
 
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", fake_hub)
-    model = timm.create_model("vmoe_s16_e8_every2", pretrained=True, img_size=16, patch_size=4, depth=4,
+    model = timm.create_model("vmoe_timm_s16_e8_every2", pretrained=True, img_size=16, patch_size=4, depth=4,
                               router_init_std=0.0, **SMALL)
     assert fetched == ["timm/vit_small_patch16_224.augreg_in21k_ft_in1k"]
     _check_experts_copy_dense(model, dense)
     assert torch.equal(model.head.weight, dense.head.weight)  # same 1000 classes: the head is kept
     assert torch.count_nonzero(model.blocks[1].mlp.router.weight) == 0
+
+
+@pytest.mark.parametrize("old", sorted(DEPRECATED_NAMES))
+def test_old_names_build_the_same_timm_shaped_model_with_a_warning(old):
+    new = DEPRECATED_NAMES[old]
+    assert new in NAMES and timm.models.get_pretrained_cfg(old).hf_hub_id == timm.models.get_pretrained_cfg(new).hf_hub_id
+    with pytest.warns(FutureWarning, match=f"{old}.*deprecated.*{new}"):
+        with torch.device("meta"):
+            model = timm.create_model(old)
+    with torch.device("meta"):
+        same = timm.create_model(new)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in same.state_dict().items()}

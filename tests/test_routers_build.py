@@ -9,7 +9,7 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_c
 
 
 def test_every_scheme_is_registered():
-    assert ROUTERS == ["deepseek", "deepseek_v3", "dense", "expert_choice", "gshard", "mixtral", "shazeer", "soft",
+    assert ROUTERS == ["deepseek", "deepseek_v3", "dense", "ensemble", "expert_choice", "gshard", "mixtral", "shazeer", "soft",
                        "switch", "vmoe"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vmoe.train import cli
-from vmoe.train.cli import explicit_model_keys, main
+from vmoe.train.cli import explicit_model_keys, main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -137,3 +137,132 @@ def test_upcycle_through_the_cli_then_test_without_the_dense_file(tmp_path):
     main(["test", *TINY, "--trainer.default_root_dir", root, "--ckpt_path", str(last),
           "--trainer.limit_test_batches", "1"])
     assert (tmp_path / "ft" / "lightning_logs" / "version_1" / "metrics.csv").is_file()
+    # visualize / sweep rebuild the same classifier from the checkpoint (one shared function): an upcycled
+    # checkpoint (upcycle_kwargs set, its dense source gone) must load there too.
+    from vmoe.viz.cli import sweep, visualize
+    written = visualize(["--ckpt_path", str(last), "--out", str(tmp_path / "viz"), "--num_images", "2",
+                         "--capacity_factors", "1.0", "--max_batches", "1"])
+    assert "expert_load" in written
+    rows = sweep(["--ckpt_path", str(last), "--out", str(tmp_path / "viz"), "--capacity_factors", "1.0",
+                  "--max_batches", "1"])
+    assert rows and 0 <= rows[0]["accuracy"] <= 1
+
+
+def _ckpt(path):
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def test_last_ckpt_is_the_latest_state_and_best_is_kept(tmp_path):
+    """3 epochs of 2 steps; the "best" monitor is chosen so that it stays at an early epoch (highest val/loss),
+    where Lightning's save_last would leave last.ckpt too."""
+    root = str(tmp_path / "run")
+    done = run(["fit", *TINY, "--trainer.default_root_dir", root, "--trainer.max_epochs", "3",
+                "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "max"])
+    ckpt_dir = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"
+    last = _ckpt(ckpt_dir / "last.ckpt")
+    assert last["global_step"] == 6 and last["epoch"] == 2
+    final = done.model.state_dict()
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in final.items())
+    best, = ckpt_dir.glob("best-*.ckpt")
+    assert _ckpt(best)["global_step"] < 6  # the best is another, earlier state, kept beside last.ckpt
+    # A stop inside an epoch (max_steps) ends fit with last.ckpt at that step too.
+    run(["fit", *TINY, "--trainer.default_root_dir", root, "--trainer.max_steps", "3",
+         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"])
+    assert _ckpt(tmp_path / "run" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_save_last_is_switched_off_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match="checkpoint.save_last is switched off"):
+        done = run(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1",
+                    "--trainer.limit_val_batches", "0", "--checkpoint.save_last", "true"])
+    assert done.trainer.checkpoint_callback.save_last is False
+
+
+def test_abbreviated_options_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *TINY, "--trainer.max_epoch", "1", "--print_config"])
+    assert exit_info.value.code == 2
+    assert "--trainer.max_epoch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["test", "validate", "predict"])
+def test_evaluating_without_weights_is_refused(tmp_path, capsys, command):
+    assert main([command, *TINY, "--trainer.default_root_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"vmoe {command}: error: no weights to evaluate: pass --ckpt_path" in err
+    assert "--allow_random_weights true" in err and "Traceback" not in err
+    assert not (tmp_path / "lightning_logs").exists()  # refused before anything ran
+
+
+def test_random_weights_on_purpose(tmp_path):
+    done = run(["test", *TINY, "--trainer.default_root_dir", str(tmp_path), "--allow_random_weights", "true",
+                "--trainer.limit_test_batches", "1"])
+    assert "test/acc1" in done.trainer.callback_metrics
+
+
+def test_errors_are_one_line_and_the_traceback_is_behind_vmoe_debug(tmp_path, capsys, monkeypatch):
+    args = ["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--model.num_experts", "0"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "vmoe fit: error: num_experts must be >= 1, got 0\n" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3  # "Seed set to 0", the error, the VMOE_DEBUG hint
+    monkeypatch.setenv("VMOE_DEBUG", "1")
+    with pytest.raises(ValueError, match="num_experts must be >= 1"):
+        main(args)
+
+
+def test_console_exit_status_of_an_error(tmp_path):
+    import os
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("VMOE_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "vmoe.train.cli", "fit", *TINY, "--model.num_experts", "0",
+                           "--trainer.default_root_dir", str(tmp_path)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "vmoe fit: error: num_experts must be >= 1" in proc.stderr
+
+
+def _bad_file(tmp_path, how):
+    if how == "missing":
+        return tmp_path / "nope" / "last.ckpt", "no such checkpoint file"
+    if how == "empty":
+        (tmp_path / "e.ckpt").write_bytes(b"")
+        return tmp_path / "e.ckpt", "(0 bytes): the file is empty"
+    if how == "random.pth":
+        (tmp_path / "r.pth").write_bytes(bytes(range(256)) * 4)
+        return tmp_path / "r.pth", "not a torch checkpoint: neither a torch.save zip archive nor a pickle"
+    if how == "truncated":
+        torch.save({"state_dict": {"a": torch.zeros(1000)}, "hyper_parameters": {}}, tmp_path / "t.ckpt")
+        data = (tmp_path / "t.ckpt").read_bytes()
+        (tmp_path / "t.ckpt").write_bytes(data[:len(data) // 2])
+        return tmp_path / "t.ckpt", "the torch.save archive is damaged or truncated"
+    if how == "weights":
+        from safetensors.torch import save_file
+        save_file({"a": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+        return tmp_path / "w.safetensors", "pass --model.checkpoint_path instead"
+    torch.save({"a": torch.zeros(2)}, tmp_path / "sd.ckpt")  # a bare state dict
+    return tmp_path / "sd.ckpt", "is not a Lightning checkpoint of an ImageClassifier"
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "random.pth", "truncated", "weights", "state_dict"])
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_bad_ckpt_path_names_the_file_and_the_cause(tmp_path, capsys, command, how):
+    path, cause = _bad_file(tmp_path, how)
+    assert main([command, *TINY, "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"vmoe {command}: error: --ckpt_path" in err and str(path) in err and cause in err, err
+    assert "weights_only=False" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_private_lightning_cli_methods_are_overridden():
+    """VMoECLI customises LightningCLI through its public hooks only, so a Lightning release that renames
+    private methods cannot silently switch our behaviour off."""
+    from lightning.pytorch.cli import LightningCLI
+    private = [name for name in vars(cli.VMoECLI) if name.startswith("_") and not name.startswith("__")
+               and hasattr(LightningCLI, name)]
+    assert private == []
+    for hook in ("init_parser", "add_arguments_to_parser", "parse_arguments", "before_instantiate_classes",
+                 "instantiate_trainer"):
+        assert hook in vars(cli.VMoECLI) and hasattr(LightningCLI, hook), hook

@@ -8,7 +8,7 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from vmoe.train.cli import main
+from vmoe.train.cli import main, run
 from vmoe.train.data import DigitsDataModule
 from vmoe.train.module import ImageClassifier
 from vmoe.viz.callback import RoutingPictures
@@ -65,9 +65,9 @@ def test_cli_errors_are_clear(ckpt, tmp_path):
     with pytest.raises(SystemExit):  # jsonargparse reports the bad value and exits
         main(["sweep", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--split", "train"])
     with pytest.raises(ValueError, match="no such file"):
-        main(["sweep", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--config", str(tmp_path / "none.yaml")])
+        run(["sweep", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--config", str(tmp_path / "none.yaml")])
     with pytest.raises(ValueError, match="32px images"):
-        main(["visualize", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--data.init_args.img_size", "32"])
+        run(["visualize", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--data.init_args.img_size", "32"])
 
 
 def test_callback_logs_to_csv_and_tensorboard(tmp_path):
@@ -89,3 +89,28 @@ def test_callback_logs_to_csv_and_tensorboard(tmp_path):
     assert "routing/dropped_patches_cf0.5" in events.Tags()["images"]
     with pytest.raises(ValueError, match="every_n_epochs"):
         RoutingPictures(every_n_epochs=0)
+
+
+@pytest.mark.parametrize("command", ["visualize", "sweep"])
+def test_a_missing_or_damaged_checkpoint_is_named(tmp_path, capsys, command):
+    missing = tmp_path / "gone" / "last.ckpt"
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--ckpt_path", str(missing), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--ckpt_path {missing}: no such checkpoint file" in err and "datamodule" not in err
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main([command, "--ckpt_path", str(empty), "--out", str(tmp_path)])
+    assert f"{empty} (0 bytes): the file is empty" in capsys.readouterr().err
+    weights = tmp_path / "w.safetensors"
+    with pytest.raises(SystemExit):
+        main([command, "--ckpt_path", str(weights), "--out", str(tmp_path)])
+    assert "pass --model.checkpoint_path instead" in capsys.readouterr().err
+
+
+def test_options_are_not_abbreviated(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["visualize", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--num_image", "3"])
+    assert "--num_image" in capsys.readouterr().err

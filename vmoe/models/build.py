@@ -137,7 +137,9 @@ def convert_to_moe(
         moe = build_moe_mlp(router=router, **mlp_config(block.mlp), num_experts=count, **optional, **extra)
         # the new block lives where the dense one did (GPU, bf16 or meta models stay uniform)
         block.mlp = moe.to(device=ref.device, dtype=ref.dtype) if ref is not None else moe
-    return model
+    from .ensemble import to_ensemble  # E³ (router="ensemble"): the batch repeat before the first MoE block
+
+    return to_ensemble(model)
 
 
 def create_vmoe(
@@ -164,7 +166,8 @@ def create_vmoe(
     pretrained=True: timm loads the backbone's dense pretrained weights (its hub loading, resampling the
     position embeddings and resetting the head as usual) and the model is upcycled from them.
     checkpoint_path: a weights file (.safetensors/.pth/.pt/.bin/.ckpt). V-MoE weights (with expert
-    tensors) load strictly; dense ViT weights are upcycled. ``upcycle_kwargs`` (expert_noise,
+    tensors) load strictly, except that the position embedding is resampled to another image size and a
+    head of another class count is reset (fine-tuning); dense ViT weights are upcycled. ``upcycle_kwargs`` (expert_noise,
     router_init_std) tune upcycling. Input x: [B, C, H, W] -> logits [B, num_classes].
     """
     from .checkpoint import load_weights, read_state_dict
@@ -186,7 +189,9 @@ def create_vmoe(
             if upcycle_kwargs:
                 raise ValueError(f"upcycle_kwargs given but {os.fspath(checkpoint_path)!r} already holds "
                                  "V-MoE weights (expert tensors); nothing is upcycled")
-            load_weights(model, state)
+            from .finetune import finetune_state_dict  # new image size / class count: resample, reset head
+
+            load_weights(model, finetune_state_dict(state, model))
         else:
             model.load_state_dict(upcycle_state_dict(state, model, **(upcycle_kwargs or {})))
     elif upcycle_kwargs:

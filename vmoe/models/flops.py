@@ -3,8 +3,9 @@
 FLOPs are counted analytically from the built model (2 per multiply-add, matrix products only: patch
 embedding, qkv/attention/projection, MLPs or K experts per token plus the router, classifier); norms,
 activations, softmax and biases are left out, as torch's FlopCounterMode does. Expert compute counts
-every token's K assignments, the upper bound when no token is dropped (dropped assignments cost nothing
-in the sort-based dispatch). Models are built on the meta device, so even V-MoE-L costs no memory.
+the experts each token really uses (:func:`choices_per_token`): K for top-k routers when nothing is dropped
+(the upper bound: dropped assignments cost nothing in the sort-based dispatch), about the capacity factor c
+for expert choice, E for a dense MoE. Models are built on the meta device, so even V-MoE-L costs no memory.
 """
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ from torch import nn
 from ..moe import is_moe_layer
 from .build import create_vmoe
 
-__all__ = ["ModelCost", "model_cost", "flops_table", "report", "main"]
+__all__ = ["ModelCost", "model_cost", "choices_per_token", "flops_table", "report", "main"]
 
 
 @dataclass(frozen=True)
 class ModelCost:
     name: str
     params: int
-    active_params: int  # per token: all dense weights plus K of each MoE layer's E experts
+    active_params: int  # per token: all dense weights plus the experts a token uses (see choices_per_token)
     flops: int  # forward, per image
+    experts_per_token: float | None = None  # mean over the MoE layers of choices_per_token; None when dense
 
     @property
     def gflops(self) -> float:
@@ -37,30 +39,59 @@ def _linear_flops(tokens: int, layer: nn.Linear) -> int:
     return 2 * tokens * layer.in_features * layer.out_features
 
 
+def choices_per_token(layer: nn.Module, group_size: int) -> float:
+    """Experts that process a token, on average, in a routing group of ``group_size`` tokens (S).
+
+    Top-k routers (including ``dense``, whose k is E): min(K, E * C / S) with C the router's capacity per
+    expert: K when capacity is ample (the upper bound: dropped assignments cost nothing), fewer when the
+    slots cannot hold K per token (e.g. dense MoE at capacity factor < 1). Expert choice: exactly E * C / S,
+    each expert taking C = min(S, ceil(S * c / E)) tokens (about c per token; its k is E only formally).
+    The router's current mode picks the training or the eval capacity factor.
+    """
+    from ..moe.routers.expert_choice import ExpertChoiceRouter
+
+    router = getattr(layer, "router", None)
+    capacity = getattr(router, "capacity", None)
+    if not callable(capacity):
+        return float(layer.k)
+    slots = layer.num_experts * capacity(group_size) / group_size
+    if isinstance(router, ExpertChoiceRouter):
+        return slots
+    return min(float(layer.k), slots)
+
+
 def _moe_cost(tokens: int, layer: nn.Module) -> tuple[int, int]:
-    """(forward FLOPs, parameters not active for a token) of one MoE layer."""
+    """(forward FLOPs, parameters not active for a token) of one MoE layer, one image of ``tokens`` tokens
+    routed as its own group unless the layer sets ``group_size``."""
     experts = getattr(layer, "experts", None)
     if not hasattr(layer, "k") or not hasattr(experts, "fc1_weight"):
         raise ValueError(f"FLOPs of {type(layer).__name__} are not modelled (needs k and stacked experts)")
     num, hidden, dim = experts.fc1_weight.shape
     out = experts.fc2_weight.shape[1]
-    flops = layer.k * 2 * tokens * (dim * hidden + hidden * out)
+    choices = choices_per_token(layer, getattr(layer, "group_size", None) or tokens)
+    flops = round(choices * 2 * tokens * (dim * hidden + hidden * out))
     router_weight = getattr(getattr(layer, "router", None), "weight", None)
     if isinstance(router_weight, nn.Parameter):
         flops += 2 * tokens * router_weight.numel()
     # dense parts every token runs: shared experts, a residual MLP and its coefficients, linear routers
     flops += sum(_linear_flops(tokens, m) for m in layer.modules() if isinstance(m, nn.Linear))
     per_expert = sum(p.numel() for p in experts.parameters()) // num
-    return flops, (num - layer.k) * per_expert
+    return flops, round((num - choices) * per_expert)
+
+
+def model_tokens(model: nn.Module) -> int:
+    """Tokens per image of a timm ViT: patches plus class (and register) tokens, which go through every block."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
 def model_cost(model: nn.Module, name: str | None = None) -> ModelCost:
     """Cost of a timm VisionTransformer (dense or V-MoE) at its configured image size."""
     patches = model.patch_embed.num_patches
-    tokens = patches + model.num_prefix_tokens  # class (and register) tokens go through every block
+    tokens = model_tokens(model)
     proj = model.patch_embed.proj
     flops = 2 * patches * proj.weight.numel()  # conv with stride = kernel: one weight use per patch
     inactive = 0
+    choices = []
     for block in model.blocks:
         attn = block.attn
         dim = attn.qkv.in_features
@@ -70,22 +101,27 @@ def model_cost(model: nn.Module, name: str | None = None) -> ModelCost:
             moe_flops, moe_inactive = _moe_cost(tokens, block.mlp)
             flops += moe_flops
             inactive += moe_inactive
+            choices.append(choices_per_token(block.mlp, getattr(block.mlp, "group_size", None) or tokens))
         else:
             flops += _linear_flops(tokens, block.mlp.fc1) + _linear_flops(tokens, block.mlp.fc2)
     if isinstance(model.head, nn.Linear):
         flops += _linear_flops(1, model.head)
     params = sum(p.numel() for p in model.parameters())
-    return ModelCost(name or type(model).__name__, params, params - inactive, flops)
+    per_token = sum(choices) / len(choices) if choices else None
+    return ModelCost(name or type(model).__name__, params, params - inactive, flops, per_token)
 
 
 def flops_table(costs: Sequence[ModelCost]) -> str:
     """A plain-text table of costs, with ratios to the first row."""
     base = costs[0]
-    header = f"{'model':<34} {'params':>10} {'active/token':>13} {'GFLOPs/img':>11} {'x params':>9} {'x FLOPs':>8}"
+    header = (f"{'model':<34} {'params':>10} {'active/token':>13} {'experts/token':>14} {'GFLOPs/img':>11} "
+              f"{'x params':>9} {'x FLOPs':>8}")
     rows = [header, "-" * len(header)]
     for cost in costs:
+        per_token = "-" if cost.experts_per_token is None else f"{cost.experts_per_token:.3g}"
         rows.append(f"{cost.name:<34} {cost.params / 1e6:>9.2f}M {cost.active_params / 1e6:>12.2f}M "
-                    f"{cost.gflops:>11.3f} {cost.params / base.params:>9.2f} {cost.flops / base.flops:>8.3f}")
+                    f"{per_token:>14} {cost.gflops:>11.3f} {cost.params / base.params:>9.2f} "
+                    f"{cost.flops / base.flops:>8.3f}")
     return "\n".join(rows)
 
 
@@ -93,9 +129,11 @@ def report(
     backbone: str = "vit_small_patch16_224",
     moe_layers: list[int] | str = "every-2",
     num_experts: list[int] | int = 8,
-    k: int = 2,
+    k: int | None = 2,
     img_size: int = 224,
     num_classes: int = 1000,
+    router: str = "vmoe",
+    capacity_factor: float | None = None,
 ) -> str:
     """Print and return the cost table of the dense ``backbone`` and its V-MoE at ``img_size``.
 
@@ -103,18 +141,23 @@ def report(
         backbone: timm ViT name.
         moe_layers: "every-n", "last-n" or a list of block indices.
         num_experts: experts per MoE layer (one count, or one per MoE layer).
-        k: experts chosen per token.
+        k: experts chosen per token (top-k routers; None for expert_choice and dense, which choose otherwise).
         img_size: input image side in pixels.
         num_classes: classifier outputs.
+        router: routing scheme (vmoe, switch, expert_choice, dense, ...).
+        capacity_factor: None = the scheme's default (for expert_choice: experts per token on average).
     """
     with torch.device("meta"):
         dense = timm.create_model(backbone, pretrained=False, img_size=img_size, num_classes=num_classes)
+        if router in ("expert_choice", "dense") and k == 2:
+            k = None  # the default of --k; these schemes take no k
         moe = create_vmoe(backbone, moe_layers=moe_layers, num_experts=num_experts, k=k, img_size=img_size,
-                          num_classes=num_classes)
+                          num_classes=num_classes, router=router, capacity_factor=capacity_factor)
     experts = num_experts if isinstance(num_experts, int) else "/".join(map(str, num_experts))
     placement = moe_layers if isinstance(moe_layers, str) else ",".join(map(str, moe_layers))
+    scheme = f"K{k}" if router not in ("expert_choice", "dense") else router
     costs = [model_cost(dense, f"{backbone}"),
-             model_cost(moe, f"V-MoE E{experts} K{k} {placement}")]
+             model_cost(moe, f"V-MoE E{experts} {scheme} {placement}")]
     table = (f"{backbone} at {img_size}px, {num_classes} classes, MoE blocks {placement}\n"
              + flops_table(costs))
     print(table)
@@ -125,4 +168,4 @@ def main(argv: list[str] | None = None) -> None:
     """``vmoe flops --backbone vit_small_patch16_224 --num_experts 8 --k 2 --moe_layers every-2``."""
     from jsonargparse import CLI
 
-    CLI(report, args=argv, as_positional=False)
+    CLI(report, args=argv, as_positional=False, allow_abbrev=False)

@@ -1,6 +1,11 @@
-"""timm registry names for the V-MoE families of the paper (available after ``import vmoe``).
+"""timm registry names of V-MoEs shaped like timm's ViTs, for sparse upcycling (available after ``import vmoe``).
 
-``timm.create_model("vmoe_s16_e8_every2", pretrained=False, img_size=32, num_classes=10)`` builds a
+These are timm's ViT-Ti/S/B/L backbones (e.g. ViT-S = 384 wide, 12 blocks) with MoE blocks, named
+``vmoe_timm_*``; the paper's own V-MoE architectures (e.g. V-MoE-S/32 = 512 wide, 8 blocks) are in
+:mod:`vmoe.models.paper`. The older names without ``timm_`` (``vmoe_s32_e8_last2``, ...) build the same
+timm-shaped models with a FutureWarning and will be removed.
+
+``timm.create_model("vmoe_timm_s16_e8_every2", pretrained=False, img_size=32, num_classes=10)`` builds a
 randomly initialised V-MoE; ``pretrained=True`` makes timm fetch the dense ViT weights named in the
 pretrained_cfg (hub id, or ``pretrained_cfg_overlay=dict(file=...)`` for a local file) and upcycles them
 while loading. Extra kwargs: any VisionTransformer kwarg, create_vmoe's MoE arguments (moe_layers,
@@ -9,6 +14,7 @@ num_experts, k, capacity_factor, ...), and expert_noise / router_init_std for up
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -18,7 +24,7 @@ from torch import nn
 from .build import convert_to_moe
 from .upcycle import upcycle_state_dict
 
-__all__ = ["VMOE_MODELS", "UPCYCLE_FROM"]
+__all__ = ["VMOE_MODELS", "UPCYCLE_FROM", "DEPRECATED_NAMES"]
 
 _MOE_ARG_NAMES = ("moe_layers", "num_experts", "k", "capacity_factor", "eval_capacity_factor", "batch_priority",
                   "noise_std", "group_size", "router", "moe_kwargs")
@@ -27,20 +33,22 @@ _TAG = "augreg_in21k_ft_in1k"
 # name -> (ViT architecture args, MoE defaults, timm dense weights it upcycles from); K=2 is the vmoe
 # router's default, left unset so another router=... keeps its own.
 VMOE_MODELS: dict[str, tuple[dict[str, int], dict[str, Any], str]] = {
-    "vmoe_ti16_e8_every2": (dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vmoe_timm_ti16_e8_every2": (dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
                             dict(moe_layers="every-2", num_experts=8), f"vit_tiny_patch16_224.{_TAG}"),
-    "vmoe_s16_e8_every2": (dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vmoe_timm_s16_e8_every2": (dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
                            dict(moe_layers="every-2", num_experts=8), f"vit_small_patch16_224.{_TAG}"),
-    "vmoe_s32_e8_last2": (dict(patch_size=32, embed_dim=384, depth=12, num_heads=6),
+    "vmoe_timm_s32_e8_last2": (dict(patch_size=32, embed_dim=384, depth=12, num_heads=6),
                           dict(moe_layers="last-2", num_experts=8), f"vit_small_patch32_224.{_TAG}"),
-    "vmoe_b16_e8_every2": (dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vmoe_timm_b16_e8_every2": (dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
                            dict(moe_layers="every-2", num_experts=8), f"vit_base_patch16_224.{_TAG}"),
-    "vmoe_b32_e8_last2": (dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
+    "vmoe_timm_b32_e8_last2": (dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
                           dict(moe_layers="last-2", num_experts=8), f"vit_base_patch32_224.{_TAG}"),
-    "vmoe_l16_e8_every2": (dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vmoe_timm_l16_e8_every2": (dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
                            dict(moe_layers="every-2", num_experts=8), f"vit_large_patch16_224.{_TAG}"),
 }
 UPCYCLE_FROM = {name: dense for name, (_, _, dense) in VMOE_MODELS.items()}
+# Old names (before the paper's architectures got names of their own) -> the same timm-shaped model.
+DEPRECATED_NAMES = {name.replace("vmoe_timm_", "vmoe_"): name for name in VMOE_MODELS}
 
 
 def _cfg(dense: str) -> dict[str, Any]:
@@ -53,7 +61,9 @@ def _cfg(dense: str) -> dict[str, Any]:
         notes=(f"upcycle_from={dense}",))
 
 
-default_cfgs = generate_default_cfgs({f"{name}.{_TAG}": _cfg(dense) for name, dense in UPCYCLE_FROM.items()})
+default_cfgs = generate_default_cfgs(
+    {f"{name}.{_TAG}": _cfg(UPCYCLE_FROM[new]) for name, new in [*zip(VMOE_MODELS, VMOE_MODELS),
+                                                                 *DEPRECATED_NAMES.items()]})
 
 
 def _vit_moe(moe: dict[str, Any], **vit_kwargs) -> nn.Module:
@@ -80,37 +90,32 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
         **{**vit_args, **kwargs})
 
 
-@register_model
-def vmoe_ti16_e8_every2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """V-MoE-Ti/16, 8 experts, K=2, MoE in every 2nd block (upcycles ViT-Ti/16 augreg)."""
-    return _create("vmoe_ti16_e8_every2", pretrained, **kwargs)
+def _deprecated(old: str, pretrained: bool, **kwargs) -> VisionTransformer:
+    new = DEPRECATED_NAMES[old]
+    warnings.warn(f"the timm name {old!r} is deprecated: it builds timm's ViT shape, not the paper's V-MoE "
+                  f"architecture; use {new!r} (the same model) or a vmoe_paper_* name (see vmoe.models.paper)",
+                  FutureWarning, stacklevel=3)
+    return _create(new, pretrained, **kwargs)
 
 
-@register_model
-def vmoe_s16_e8_every2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """V-MoE-S/16, 8 experts, K=2, MoE in every 2nd block (upcycles ViT-S/16 augreg)."""
-    return _create("vmoe_s16_e8_every2", pretrained, **kwargs)
+def _entrypoint(name: str, doc: str, create) -> None:
+    def entry(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        return create(name, pretrained, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = doc
+    entry.__module__ = __name__
+    globals()[name] = register_model(entry)
 
 
-@register_model
-def vmoe_s32_e8_last2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """V-MoE-S/32, 8 experts, K=2, MoE in the last 2 odd blocks (upcycles ViT-S/32 augreg)."""
-    return _create("vmoe_s32_e8_last2", pretrained, **kwargs)
-
-
-@register_model
-def vmoe_b16_e8_every2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """V-MoE-B/16, 8 experts, K=2, MoE in every 2nd block (upcycles ViT-B/16 augreg)."""
-    return _create("vmoe_b16_e8_every2", pretrained, **kwargs)
-
-
-@register_model
-def vmoe_b32_e8_last2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """V-MoE-B/32, 8 experts, K=2, MoE in the last 2 odd blocks (upcycles ViT-B/32 augreg)."""
-    return _create("vmoe_b32_e8_last2", pretrained, **kwargs)
-
-
-@register_model
-def vmoe_l16_e8_every2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """V-MoE-L/16, 8 experts, K=2, MoE in every 2nd block (upcycles ViT-L/16 augreg)."""
-    return _create("vmoe_l16_e8_every2", pretrained, **kwargs)
+_DOCS = {
+    "ti16_e8_every2": "ViT-Ti/16 (timm), 8 experts, K=2, MoE in every 2nd block",
+    "s16_e8_every2": "ViT-S/16 (timm: 384 wide, 12 blocks), 8 experts, K=2, MoE in every 2nd block",
+    "s32_e8_last2": "ViT-S/32 (timm: 384 wide, 12 blocks), 8 experts, K=2, MoE in the last 2 odd blocks",
+    "b16_e8_every2": "ViT-B/16 (timm), 8 experts, K=2, MoE in every 2nd block",
+    "b32_e8_last2": "ViT-B/32 (timm), 8 experts, K=2, MoE in the last 2 odd blocks",
+    "l16_e8_every2": "ViT-L/16 (timm), 8 experts, K=2, MoE in every 2nd block",
+}
+for _suffix, _doc in _DOCS.items():
+    _entrypoint(f"vmoe_timm_{_suffix}", f"{_doc}; upcycles timm's dense augreg weights.", _create)
+    _entrypoint(f"vmoe_{_suffix}", f"Deprecated name of vmoe_timm_{_suffix} ({_doc}).", _deprecated)

@@ -34,6 +34,20 @@ _MOE_ARG_NAMES = {"moe_layers", "num_experts", "k", "capacity_factor", "eval_cap
                   "noise_std", "group_size", "router", "moe_kwargs"}
 
 
+# Tensors timm's checkpoint filter resizes when the patch size or image size differs.
+_RESAMPLED = ("patch_embed.proj.weight", "pos_embed")
+
+
+def _log_resampled(before: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor], model: nn.Module) -> None:
+    """Say (logging WARNING, named after the sizes) which embeddings timm resampled to fit ``model``."""
+    for key, shape in before.items():
+        after = tuple(state[key].shape) if key in state else None
+        if after is not None and after != shape:
+            what = (f"patch size {shape[-2:]} -> {after[-2:]}" if key == "patch_embed.proj.weight"
+                    else f"{shape[-2]} -> {after[-2]} positions (image size {tuple(model.patch_embed.img_size)})")
+            _log.warning("upcycling: resampled %s from %s to %s (%s)", key, shape, after, what)
+
+
 def _classifier_keys(model: nn.Module) -> set[str]:
     names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
     names = (names,) if isinstance(names, str) else tuple(names)
@@ -72,7 +86,9 @@ def upcycle_state_dict(
         raise ValueError(f"expert_noise and router_init_std must be >= 0, got {expert_noise}, {router_init_std}")
     state = extract_state_dict(dense)
     if isinstance(model, VisionTransformer):
+        before = {key: tuple(state[key].shape) for key in _RESAMPLED if key in state}
         state = checkpoint_filter_fn(state, model)  # foreign layouts, patch/pos-embed resampling
+        _log_resampled(before, state, model)
     target = model.state_dict()
     heads = _classifier_keys(model)
     out: dict[str, Tensor] = {}

@@ -4,6 +4,7 @@ from .build import available_routers, build_moe_mlp, is_moe_layer, iter_moe_laye
 from .capacity import compute_capacity
 from .dispatch import (Dispatch, DispatchPrecision, build_dispatch, combine_reference, moe_combine,
                        sort_assignments)
+from .ensemble import EnsembleMoEMlp
 from .experts import StackedExperts
 from .layer import MoEMlp, routing_metrics
 from .routers import ROUTERS, Router, RouterOutput, build_router, register_router
@@ -16,6 +17,6 @@ __all__ = [
     "losses", "build_moe_mlp", "is_moe_layer", "iter_moe_layers", "compute_capacity", "combine_reference", "moe_combine", "sort_assignments", "StackedExperts",
     "MoEMlp", "routing_metrics", "ROUTERS", "Router", "RouterOutput", "build_router", "register_router",
     "Routing", "top_k_routing", "available_routers", "expert_choice_routing", "route_choices", "ResidualMLP",
-    "SharedExperts", "SoftMoEMlp", "Dispatch", "DispatchPrecision", "build_dispatch", "StaticCapacityDispatch",
-    "static_slots",
+    "SharedExperts", "SoftMoEMlp", "EnsembleMoEMlp", "Dispatch", "DispatchPrecision", "build_dispatch",
+    "StaticCapacityDispatch", "static_slots",
 ]

@@ -5,6 +5,7 @@ from typing import Iterator
 
 from torch import nn
 
+from .ensemble import EnsembleMoEMlp
 from .layer import MoEMlp
 from .routers import ROUTERS
 from .soft import SoftMoEMlp
@@ -12,7 +13,7 @@ from .soft import SoftMoEMlp
 __all__ = ["BLOCKS", "available_routers", "build_moe_mlp", "is_moe_layer", "iter_moe_layers"]
 
 # Schemes whose block is not "router + sort-based dispatch" (MoEMlp); every other name is a router.
-BLOCKS: dict[str, type[nn.Module]] = {"soft": SoftMoEMlp}
+BLOCKS: dict[str, type[nn.Module]] = {"soft": SoftMoEMlp, "ensemble": EnsembleMoEMlp}
 
 
 def available_routers() -> list[str]:

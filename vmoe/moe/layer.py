@@ -35,6 +35,9 @@ class MoEMlp(nn.Module):
     ``num_shared_experts`` K_s adds K_s always-on experts of hidden H/m (``shared_experts``);
     ``residual`` adds a dense MLP of hidden H to the MoE output (DeepSpeed residual MoE, ``residual``),
     ``residual_coefficient`` mixes the two with a learned per-token softmax (DeepSpeed's code).
+    ``bfloat16_dispatch`` rounds each expert's input and output to bfloat16 (the V-MoE reference's
+    ``dispatcher.bfloat16``; ``DispatchPrecision(round_to=torch.bfloat16)`` of every dispatch strategy); the
+    combine weights and the sum over choices stay in the input's dtype.
 
     ``dispatch``: how tokens reach the experts, a :mod:`vmoe.moe.dispatch` strategy or its name: "auto"
     (static-capacity buffers under torch.compile/export and on GPU, sorted blocks on CPU eager), "sorted",
@@ -69,6 +72,7 @@ class MoEMlp(nn.Module):
         num_shared_experts: int = 0,
         residual: bool = False,
         residual_coefficient: bool = False,
+        bfloat16_dispatch: bool = False,
         dispatch: str | Dispatch = "auto",
     ) -> None:
         super().__init__()
@@ -105,6 +109,8 @@ class MoEMlp(nn.Module):
                                     residual_coefficient) if residual else None
         self._router_takes_seq_len = bool(getattr(self.router, "uses_sequence_length", False))
         self.dispatch = dispatch
+        if bfloat16_dispatch:
+            self.bfloat16_dispatch = True
         self.aux_loss: Tensor = torch.zeros(())
         self.metrics: dict[str, Tensor] = {}
         self.last_routing: Routing | None = None
@@ -118,6 +124,15 @@ class MoEMlp(nn.Module):
     def dispatch(self, value: str | Dispatch) -> None:
         precision = getattr(getattr(self, "_dispatch", None), "precision", None)
         self._dispatch = build_dispatch(value, precision or DispatchPrecision())
+
+    @property
+    def bfloat16_dispatch(self) -> bool:
+        """V-MoE's ``dispatcher.bfloat16``: the dispatch rounds expert inputs and outputs to bfloat16."""
+        return self._dispatch.precision.round_to == torch.bfloat16
+
+    @bfloat16_dispatch.setter
+    def bfloat16_dispatch(self, value: bool) -> None:
+        self._dispatch = self._dispatch.with_precision(DispatchPrecision(round_to=torch.bfloat16 if value else None))
 
     @property
     def use_reference(self) -> bool:
@@ -213,7 +228,7 @@ class MoEMlp(nn.Module):
         return y.reshape(b, t, y.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"group_size={self.group_size}"
+        return f"group_size={self.group_size}" + (", bfloat16_dispatch=True" if self.bfloat16_dispatch else "")
 
 
 @torch.no_grad()

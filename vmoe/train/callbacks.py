@@ -1,16 +1,65 @@
-"""Callbacks the `vmoe` CLI adds: write `vmoe predict` results to a CSV file."""
+"""Callbacks the `vmoe` CLI adds: ``last.ckpt`` = the latest state, and `vmoe predict` results as a CSV file."""
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
-__all__ = ["PredictionWriter"]
+from ..io import atomic_write
+
+__all__ = ["PredictionWriter", "LastCheckpoint"]
+
+
+class LastCheckpoint(Callback):
+    """Write ``last.ckpt`` (full training state) after every training epoch and at the end of ``fit``, so it
+    always holds the latest state, whatever the best-by-metric ModelCheckpoint keeps.
+
+    (Lightning's ``ModelCheckpoint(save_last=True)`` with a monitor rewrites last.ckpt only when it saves a
+    new best.) dirpath: None = the directory of the trainer's ModelCheckpoint (``<log_dir>/checkpoints``).
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt") -> None:
+        if not filename.endswith(".ckpt") or "/" in filename:
+            raise ValueError(f"filename must be a file name ending in .ckpt, got {filename!r}")
+        self.dirpath, self.filename = dirpath, filename
+        self.last_path: Path | None = None
+        self._saved_step: int | None = None
+        self._mid_epoch_step: int | None = None
+
+    def _directory(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        best = trainer.checkpoint_callback
+        if best is not None and getattr(best, "dirpath", None):
+            return Path(best.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+    def save(self, trainer: L.Trainer) -> Path:
+        """Write the trainer's current state (collective: every rank must call it)."""
+        path = self._directory(trainer) / self.filename
+        trainer.save_checkpoint(path)
+        self.last_path, self._saved_step = path, trainer.global_step
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Reaching max_steps inside an epoch: save here, where Lightning resumes mid-epoch. The epoch-end hooks
+        # that follow would record the epoch as finished, and a longer resumed run would skip its rest.
+        if 0 <= trainer.max_steps <= trainer.global_step and batch_idx + 1 < trainer.num_training_batches:
+            self.save(trainer)
+            self._mid_epoch_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._mid_epoch_step != trainer.global_step:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Any other stop inside an epoch (max_time, should_stop) still leaves steps no save has.
+        if self._saved_step != trainer.global_step:
+            self.save(trainer)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -36,24 +85,17 @@ class PredictionWriter(BasePredictionWriter):
                            batch_indices: Sequence[Any] | None) -> None:
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         path = self._path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.writer(f)
-                has_target = bool(batches) and "target" in batches[0]
-                writer.writerow(["index", "pred", "prob"] + (["target"] if has_target else []))
-                index = 0
-                for out in batches:
-                    pred = out["pred"].tolist()
-                    prob = out["probs"].gather(-1, out["pred"][:, None])[:, 0].tolist()
-                    target = out["target"].tolist() if has_target else None
-                    for i in range(len(pred)):
-                        writer.writerow([index, pred[i], f"{prob[i]:.6f}"] + ([target[i]] if has_target else []))
-                        index += 1
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            has_target = bool(batches) and "target" in batches[0]
+            writer.writerow(["index", "pred", "prob"] + (["target"] if has_target else []))
+            index = 0
+            for out in batches:
+                pred = out["pred"].tolist()
+                prob = out["probs"].gather(-1, out["pred"][:, None])[:, 0].tolist()
+                target = out["target"].tolist() if has_target else None
+                for i in range(len(pred)):
+                    writer.writerow([index, pred[i], f"{prob[i]:.6f}"] + ([target[i]] if has_target else []))
+                    index += 1
         self.last_path = path
         print(f"vmoe predict: wrote {index} predictions to {path}")

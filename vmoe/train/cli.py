@@ -13,37 +13,39 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..distributed import fsdp as _fsdp_expert_parallel  # noqa: F401  registers "fsdp_expert_parallel"
 from ..distributed import strategy as _expert_parallel  # noqa: F401  registers trainer.strategy "ddp_expert_parallel"
-from .callbacks import PredictionWriter
+from .callbacks import LastCheckpoint, PredictionWriter
+from .from_checkpoint import STARTING_WEIGHTS, classifier_hparams, read_lightning_checkpoint
 from .data.base import ImageDataModule
 from .module import ImageClassifier
+from .resume import ResumeStateCheckpoint
 
-__all__ = ["main", "run", "VMoECLI", "EXTRA_COMMANDS", "EXTRA_HELP", "default_loggers", "explicit_model_keys"]
+__all__ = ["main", "run", "VMoECLI", "UsageError", "DEBUG_ENV", "EXTRA_COMMANDS", "EXTRA_HELP", "default_loggers", "explicit_model_keys"]
 
 # name -> "module:function"; each function takes argv (list[str]) and is imported only when its command runs.
 EXTRA_COMMANDS: dict[str, str] = {
     "visualize": "vmoe.viz.cli:visualize_main",
     "sweep": "vmoe.viz.cli:sweep_main",
     "flops": "vmoe.models.flops:main",
+    "convert": "vmoe.models.reference.cli:convert_main",
 }
 EXTRA_HELP: dict[str, str] = {
     "visualize": "Draw which patches each router kept, dropped, and sent to which expert.",
     "sweep": "Evaluate a checkpoint over a range of eval capacity factors and plot the curve.",
     "flops": "Count the FLOPs of a dense ViT and its V-MoE.",
+    "convert": "Convert a JAX V-MoE / E³ checkpoint (PREFIX.index + PREFIX.data-*) to model.safetensors + config.",
 }
 # Model arguments the CLI links from the DataModule; never taken from a checkpoint's hyper-parameters.
 LINKED_FROM_DATA = ("num_classes", "img_size", "in_chans")
 # Routing settings of the current command (config file, flags or defaults), never a checkpoint's.
 COMMAND_ROUTING = ("eval_capacity_factor", "batch_priority")
-# Model arguments that only choose the starting weights, and their "none" values.
-STARTING_WEIGHTS = {"checkpoint_path": None, "pretrained": False, "upcycle_kwargs": None}
 
 
 def load_extra_command(name: str) -> Callable[[list[str]], Any]:
@@ -94,76 +96,123 @@ def default_loggers(save_dir: str | os.PathLike) -> list[Logger]:
     return loggers
 
 
+# Values of --ckpt_path that Lightning resolves itself (not file paths).
+LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+# Subcommands that evaluate weights: without --ckpt_path (or starting weights) they need --allow_random_weights.
+EVALUATING = ("validate", "test", "predict")
+
+
 class VMoECLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` and any :class:`ImageDataModule` subclass.
 
-    On top of LightningCLI: a ModelCheckpoint (best by val/acc1 + last) configurable as ``--checkpoint.*``;
-    ``vmoe predict`` writes a CSV (``--predictions.output``, default <log_dir>/predictions.csv);
-    num_classes / img_size / in_chans linked from the DataModule; CSV (+ TensorBoard) logging under
-    ``trainer.default_root_dir`` unless ``trainer.logger`` is set; hyper-parameters from ``--ckpt_path`` fill
-    in the model arguments except those given explicitly on the command line and the evaluation routing
-    settings (eval_capacity_factor, batch_priority: always the command's own, from its config or flags), where
-    Lightning's own behaviour would let the checkpoint override them; the model is then built
-    without its starting weights (checkpoint_path/pretrained/upcycle_kwargs), which ckpt_path replaces anyway.
+    On top of LightningCLI: a ModelCheckpoint keeping the best by val/acc1 (``--checkpoint.*``) and
+    ``last.ckpt`` = the latest state, written every epoch and at the end of fit (``--last_checkpoint.*``);
+    checkpoints carry the random states and the training loader's position (exact resume); ``vmoe predict``
+    writes a CSV (``--predictions.output``, default <log_dir>/predictions.csv); num_classes / img_size /
+    in_chans linked from the DataModule; CSV (+ TensorBoard) logging under ``trainer.default_root_dir`` unless
+    ``trainer.logger`` is set; no abbreviated options. ``--ckpt_path`` is checked before anything runs (a
+    missing, damaged or non-Lightning file is named with the cause); its hyper-parameters fill in the model
+    arguments except those given explicitly on the command line and the evaluation routing settings
+    (eval_capacity_factor, batch_priority: always the command's own), and the model is built without its
+    starting weights (checkpoint_path/pretrained/upcycle_kwargs), which ckpt_path replaces anyway.
+    validate/test/predict refuse to evaluate random weights unless ``--allow_random_weights true``.
+
+    Only public LightningCLI hooks are overridden (init_parser, add_arguments_to_parser, parse_arguments,
+    before_instantiate_classes, instantiate_trainer); Lightning's own reading of the checkpoint's
+    hyper-parameters is kept out by holding ckpt_path back between parse_arguments and
+    before_instantiate_classes.
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         self._raw_argv = list(sys.argv[1:] if args is None else args)
+        self._held_ckpt_path: str | None = None
         kwargs.setdefault("trainer_defaults", {"accelerator": "auto", "default_root_dir": "runs/default"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"prog": "vmoe", "description": "vmoe: train and evaluate vision "
-                                            "Mixture-of-Experts on timm ViTs with Lightning."})
+        extra = "; ".join(f"{name}: {text}" for name, text in EXTRA_HELP.items() if name in EXTRA_COMMANDS)
+        kwargs.setdefault("parser_kwargs", {
+            "prog": "vmoe", "description": "vmoe: train and evaluate vision Mixture-of-Experts on timm ViTs with "
+                                           "Lightning.",
+            "epilog": f"More commands (vmoe COMMAND --help): {extra}."})
         super().__init__(ImageClassifier, ImageDataModule, subclass_mode_data=True,
                          args=None if args is None else list(args), **kwargs)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("allow_abbrev", False)  # --trainer.max_epoch must not pass for --trainer.max_epochs
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(ResumeStateCheckpoint, "resume_state")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max",
-                             "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
+                             "checkpoint.filename": "best-{epoch}-{step}"})
+        parser.add_argument("--allow_random_weights", type=bool, default=False,
+                            help="validate/test/predict: evaluate the model as initialised when no --ckpt_path "
+                                 "(or model.checkpoint_path / model.pretrained) gives its weights")
         for name in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        super()._add_subcommands(parser, **kwargs)
-        # Listed for `vmoe --help` only: main() dispatches these before LightningCLI parses anything.
-        action = getattr(parser, "_subcommands_action", None)
-        if action is not None:
-            for name, help_text in EXTRA_HELP.items():
-                if name in EXTRA_COMMANDS:
-                    action.add_subcommand(name, LightningArgumentParser(description=help_text), help=help_text)
-
-    def _parse_ckpt_path(self) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_KEYWORDS:
+            self._checkpoint = read_lightning_checkpoint(ckpt_path)
+            # Held back so that LightningCLI does not apply the checkpoint's hyper-parameters over the command's.
+            self._held_ckpt_path = str(ckpt_path)
+            self.config[subcommand]["ckpt_path"] = None
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.subcommand
+        if subcommand is None:
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        config = self.config[subcommand]
+        if config.get("checkpoint", {}).get("save_last"):
+            rank_zero_warn("--checkpoint.save_last is switched off: last.ckpt is written by --last_checkpoint (the "
+                           "latest state every epoch), while save_last would only copy each new best")
+            config["checkpoint"]["save_last"] = False
+        if self._held_ckpt_path is None:
+            model = config["model"]
+            if (subcommand in EVALUATING and not config.get("allow_random_weights")
+                    and not model.get("checkpoint_path") and not model.get("pretrained")):
+                raise UsageError("no weights to evaluate: pass --ckpt_path "
+                                 "<a .ckpt written by vmoe fit> (or --model.checkpoint_path for network weights); "
+                                 "to evaluate the randomly initialised model on purpose, pass "
+                                 "--allow_random_weights true")
+            return
+        config["ckpt_path"] = self._held_ckpt_path
+        hparams = self._checkpoint.get("hyper_parameters", {})
         explicit = explicit_model_keys(self._raw_argv)
         if explicit is None:
             return
-        keep = {k: v for k, v in hparams.items()
-                if not k.startswith("_") and k not in explicit and k not in LINKED_FROM_DATA + COMMAND_ROUTING}
+        keep = {k: v for k, v in classifier_hparams(hparams, keep=explicit).items()
+                if k not in explicit and k not in LINKED_FROM_DATA + COMMAND_ROUTING}
         if keep:
             try:
                 self.config = self.parser.parse_object({subcommand: {"model": keep}}, self.config)
             except SystemExit:
-                sys.stderr.write(f"could not apply the hyper-parameters stored in {ckpt_path}\n")
+                sys.stderr.write(f"could not apply the hyper-parameters stored in {self._held_ckpt_path}\n")
                 raise
         # Every weight comes from ckpt_path, so skip reading the starting weights (a dense checkpoint that may be
         # gone by now, or a hub download) unless asked for on the command line.
         for key, off in STARTING_WEIGHTS.items():
             if key not in explicit:
                 self.config[subcommand]["model"][key] = off
+        self._checkpoint = {}  # the weights are read again by Lightning; do not hold two copies
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or os.getcwd())
         return super().instantiate_trainer(**kwargs)
+
+
+class UsageError(ValueError):
+    """A command that cannot run as given (exit status 2, like a parsing error)."""
 
 
 def run(argv: Sequence[str] | None = None) -> Any:
@@ -175,9 +224,29 @@ def run(argv: Sequence[str] | None = None) -> Any:
     return VMoECLI(args=argv)
 
 
+DEBUG_ENV = "VMOE_DEBUG"
+
+
+def _command_name(argv: Sequence[str]) -> str:
+    names = ("fit", "validate", "test", "predict", *EXTRA_COMMANDS)
+    return next((f"vmoe {a}" for a in argv if a in names), "vmoe")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vmoe`` console script (exit status 0 on success; errors raise or exit)."""
-    result = run(argv)
+    """Entry point of the ``vmoe`` console script: exit status 0 on success, 2 for a usage error, 1 for any
+    other error, printed as one ``vmoe CMD: error: <message>`` line without the traceback; VMOE_DEBUG=1
+    lets the exception propagate (traceback included). :func:`run` always raises."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        result = run(argv)
+    except Exception as err:  # noqa: BLE001  (every error: one readable line, the traceback on demand)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        message = str(err) or type(err).__name__
+        kind = "" if isinstance(err, (ValueError, UsageError)) else f"{type(err).__name__}: "
+        sys.stderr.write(f"{_command_name(args)}: error: {kind}{message}\n"
+                         f"(set {DEBUG_ENV}=1 for the traceback)\n")
+        return 2 if isinstance(err, UsageError) else 1
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

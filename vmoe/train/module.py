@@ -163,9 +163,16 @@ class ImageClassifier(L.LightningModule):
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
-        logits = self(x).float()
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        task = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        members = getattr(self.model, "forward_members", None)
+        if members is not None:  # E³: every member learns the label; metrics score the ensemble
+            member_logits = members(x).float()  # [B, M, N]
+            logits = member_logits.log_softmax(-1).mean(1)
+            task = F.cross_entropy(member_logits.flatten(0, 1), y.repeat_interleave(member_logits.shape[1], dim=0),
+                                   label_smoothing=smoothing)
+        else:
+            logits = self(x).float()
+            task = F.cross_entropy(logits, y, label_smoothing=smoothing)
         aux = self.aux_loss()
         loss = task + aux
         train = stage == "train"

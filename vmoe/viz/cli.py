@@ -18,8 +18,9 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from lightning import LightningDataModule
-from torch import nn
 
+from ..io import atomic_write
+from ..train.from_checkpoint import load_classifier, read_lightning_checkpoint
 from .collect import collect_routing_stats, moe_blocks
 from .plots import plot_capacity_sweep
 from .report import class_names, routing_figures, save_figure
@@ -86,7 +87,7 @@ def resolve_data_config(ckpt_path: str, config: str | None) -> tuple[dict | None
 def _parser(prog: str, description: str) -> ArgumentParser:
     import vmoe.train.data  # noqa: F401  (so --data accepts the short class names)
 
-    p = ArgumentParser(prog=prog, description=description)
+    p = ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     p.add_argument("--ckpt_path", type=str, required=True, help="Lightning checkpoint of an ImageClassifier V-MoE")
     p.add_argument("--out", type=str, required=True, help="directory for the PNG files (created)")
     p.add_argument("--config", type=Optional[str], default=None,
@@ -106,6 +107,10 @@ def _parse(p: ArgumentParser, argv: list[str]):
     ckpt, config = _flag_value(argv, "--ckpt_path"), _flag_value(argv, "--config")
     source = None
     if ckpt is not None:
+        try:  # the checkpoint first: without it nothing else (e.g. the config.yaml beside it) can be found
+            read_lightning_checkpoint(ckpt)
+        except ValueError as err:
+            p.error(str(err))
         data, source = resolve_data_config(ckpt, config)
         if data is not None:
             p.set_defaults(data=data)
@@ -116,26 +121,6 @@ def _parse(p: ArgumentParser, argv: list[str]):
     if args.max_batches is not None and args.max_batches < 1:
         p.error(f"--max_batches must be >= 1, got {args.max_batches}")
     return args, source
-
-
-def load_classifier(ckpt_path: str, device: str = "auto") -> nn.Module:
-    """The ImageClassifier of a Lightning checkpoint, in eval mode on ``device``."""
-    from vmoe.train.module import ImageClassifier
-
-    if not os.path.isfile(ckpt_path):
-        raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint of an ImageClassifier (it has "
-                         f"keys {sorted(checkpoint)[:8]}; expected state_dict and hyper_parameters)")
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    # The weights come from this checkpoint, so do not re-read the file it was initialised from.
-    hparams.update(pretrained=False, checkpoint_path=None)
-    module = ImageClassifier(**hparams)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.to(device).eval()
 
 
 def _setup(p: ArgumentParser, args, stage: str):
@@ -232,10 +217,8 @@ def sweep(argv: list[str] | None = None) -> list[dict]:
 
 def _write_rows(rows: list[dict], stem: str) -> None:
     for suffix, write in ((".csv", _write_csv), (".json", _write_json)):
-        tmp = f"{stem}{suffix}.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(stem + suffix, "w", newline="") as f:
             write(rows, f)
-        os.replace(tmp, stem + suffix)
 
 
 def _write_csv(rows: list[dict], f) -> None:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from ..io import atomic_path
 from .collect import RoutingStats, loads_and_capacity, moe_blocks, patch_layout, route
 from .plots import (display_images, plot_class_expert_share, plot_dropped_patches, plot_expert_load,
                     plot_expert_map)
@@ -99,14 +99,6 @@ def routing_figures(model: nn.Module, images: Tensor, labels: Tensor | None = No
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> str:
     """Write ``fig`` as PNG atomically (a reader never sees a half-written file); returns the path."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

@@ -3,6 +3,7 @@ from .base import ROUTERS, Router, RouterOutput, after_optimizer_step, build_rou
 from .deepseek import DeepSeekRouter
 from .deepseek_v3 import DeepSeekV3Router
 from .dense import DenseRouter
+from .ensemble import EnsembleRouter
 from .expert_choice import ExpertChoiceRouter
 from .gshard import GShardRouter
 from .mixtral import MixtralRouter
@@ -11,5 +12,5 @@ from .switch import SwitchRouter
 from .vmoe import NoisyTopKRouter
 
 __all__ = ["ROUTERS", "Router", "RouterOutput", "after_optimizer_step", "build_router", "float32_logits",
-           "register_router", "NoisyTopKRouter", "DeepSeekRouter", "DeepSeekV3Router", "DenseRouter",
+           "register_router", "NoisyTopKRouter", "DeepSeekRouter", "DeepSeekV3Router", "DenseRouter", "EnsembleRouter",
            "ExpertChoiceRouter", "GShardRouter", "MixtralRouter", "ShazeerRouter", "SwitchRouter"]

@@ -1,7 +1,7 @@
 """What every vmoe DataModule shares: dataloaders, a seeded split, and an in-memory tensor dataset."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -69,6 +69,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.shuffle_seed: int | None = None  # of the training order; None: torch.initial_seed() at first use
 
     def _loader(self, dataset: Dataset | None, split: str, *, train: bool) -> DataLoader:
         if dataset is None:
@@ -78,7 +79,23 @@ class ImageDataModule(L.LightningDataModule):
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, "train", train=True)
+        # The order of each epoch is a function of (shuffle_seed, epoch), and the loader resumes mid-epoch:
+        # see vmoe.train.resume. The seed defaults to torch's (seed_everything) and travels in checkpoints.
+        if self.train_set is None:
+            return self._loader(None, "train", train=True)
+        if self.shuffle_seed is None:
+            self.shuffle_seed = torch.initial_seed() % 2 ** 63
+        from ..resume import resumable_loader
+
+        return resumable_loader(self.train_set, batch_size=self.batch_size, seed=self.shuffle_seed,
+                                drop_last=len(self.train_set) > self.batch_size, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, "val", train=False)

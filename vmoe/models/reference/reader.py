@@ -1,0 +1,233 @@
+"""Read a checkpoint written by the JAX V-MoE reference (``<prefix>.index`` + ``<prefix>.data-*``).
+
+Only ``msgpack`` and numpy: no JAX, flax or TensorFlow. The byte format (MessagePack with ext types 1
+ndarray, 6 SliceNd, 8 IndexInfo) is described in tests/data/vmoe_reference/README.md. Arrays come back
+keyed by their flax path joined with "/" (e.g. ``Encoder/encoderblock_1/Moe/Router/dense/kernel``).
+
+bfloat16 arrays (numpy has no such dtype) are returned as float32 holding exactly the same values: the
+16 stored bits become the upper half of a float32 (``uint16 << 16``), which is how bfloat16 is defined.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["read_reference_checkpoint", "read_reference_index", "ArrayInfo", "ReferenceCheckpointError"]
+
+_CHUNK_MARKER = "__msgpack_array_chunk_a87ca2__"
+_EXT_NDARRAY, _EXT_SLICE_ND, _EXT_INDEX_INFO = 1, 6, 8
+_KNOWN_VERSIONS = (None, "20220622")
+
+
+class ReferenceCheckpointError(ValueError):
+    """A reference checkpoint file is missing, truncated, foreign or inconsistent (the message names it)."""
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """One array of the index: its path, full shape, dtype name and where its chunks are.
+
+    slices: one tuple of (start, stop) per axis per chunk; shards: the data file of each chunk.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    slices: tuple[tuple[tuple[int, int], ...], ...]
+    shards: tuple[int, ...]
+
+
+def _msgpack():
+    try:
+        import msgpack
+    except ImportError as err:  # pragma: no cover - msgpack is a dependency
+        raise ImportError("reading V-MoE reference checkpoints needs the 'msgpack' package "
+                          "(pip install msgpack)") from err
+    return msgpack
+
+
+def _unpack(data: bytes, path: Path, ext_hook=None) -> Any:
+    msgpack = _msgpack()
+    kwargs = dict(raw=False, strict_map_key=False)
+    if ext_hook is not None:
+        kwargs["ext_hook"] = ext_hook
+    try:
+        return msgpack.unpackb(data, **kwargs)
+    except msgpack.ExtraData as err:
+        raise ReferenceCheckpointError(f"{path}: {len(err.extra)} extra bytes after the MessagePack object "
+                                       "(not a reference checkpoint file?)") from err
+    except (ValueError, msgpack.UnpackException, TypeError, IndexError) as err:
+        if isinstance(err, ReferenceCheckpointError):
+            raise
+        raise ReferenceCheckpointError(f"{path}: not a valid reference checkpoint file (truncated or foreign "
+                                       f"MessagePack data: {type(err).__name__}: {err})") from err
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path.read_bytes()
+
+
+def _slice_nd(payload: bytes, path: Path) -> tuple[tuple[int, int], ...]:
+    axes = []
+    for packed in _unpack(payload, path):
+        start, stop, step = _unpack(packed, path)
+        if step not in (None, 1) or not isinstance(start, int) or not isinstance(stop, int) or stop < start:
+            raise ReferenceCheckpointError(f"{path}: unsupported slice [{start}, {stop}, {step}] in a chunk")
+        axes.append((start, stop))
+    return tuple(axes)
+
+
+def _index_hook(path: Path):
+    def hook(code: int, data: bytes):
+        if code != _EXT_INDEX_INFO:
+            raise ReferenceCheckpointError(f"{path}: unexpected MessagePack ext type {code} in the index "
+                                           f"(expected {_EXT_INDEX_INFO}, IndexInfo)")
+        shaped, slices, shards = _unpack(data, path)
+        # [shape, dtype, weak_type, named_shape-or-{}]: the fourth field is ignored (both versions).
+        shape, dtype = _unpack(shaped, path)[:2]
+        return ("__info__", tuple(int(n) for n in shape), str(dtype),
+                tuple(_slice_nd(s, path) for s in slices), tuple(int(s) for s in shards))
+
+    return hook
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, tuple]]:
+    """Depth-first over the nested maps, keys in code-point order: JAX's leaf numbering."""
+    if isinstance(tree, tuple) and tree and tree[0] == "__info__":
+        yield prefix, tree
+        return
+    if not isinstance(tree, dict):
+        raise ReferenceCheckpointError(f"index entry {prefix or '<root>'} is a {type(tree).__name__}, expected "
+                                       "a map or an IndexInfo")
+    for key in sorted(tree):
+        yield from _leaves(tree[key], f"{prefix}/{key}" if prefix else str(key))
+
+
+def read_reference_index(prefix: str | os.PathLike) -> tuple[list[ArrayInfo], int]:
+    """The arrays described by ``<prefix>.index`` in leaf-number order, and the number of data files."""
+    path = Path(f"{os.fspath(prefix)}.index")
+    index = _unpack(_read_bytes(path, "checkpoint index"), path, _index_hook(path))
+    if not isinstance(index, dict) or "index" not in index or "shard_count" not in index:
+        keys = sorted(index) if isinstance(index, dict) else type(index).__name__
+        raise ReferenceCheckpointError(f"{path}: not a reference checkpoint index (expected a map with "
+                                       f"'index' and 'shard_count', got {keys})")
+    version = index.get("version")
+    if version not in _KNOWN_VERSIONS:
+        raise ReferenceCheckpointError(f"{path}: unknown checkpoint format version {version!r}; "
+                                       f"this reader knows {_KNOWN_VERSIONS}")
+    count = index["shard_count"]
+    if not isinstance(count, int) or count < 1:
+        raise ReferenceCheckpointError(f"{path}: shard_count must be a positive int, got {count!r}")
+    infos = []
+    for name, (_, shape, dtype, slices, shards) in _leaves(index["index"]):
+        if len(slices) != len(shards) or any(not 0 <= s < count for s in shards):
+            raise ReferenceCheckpointError(f"{path}: array {name} has {len(slices)} chunks but shards {shards} "
+                                           f"(valid data files: 0..{count - 1})")
+        infos.append(ArrayInfo(name, shape, dtype, slices, shards))
+    return infos, count
+
+
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        return np.dtype("<u2")  # raw bits, widened to float32 once the array is complete
+    try:
+        return np.dtype(name).newbyteorder("<")
+    except TypeError as err:
+        raise ReferenceCheckpointError(f"unsupported dtype {name!r} in the checkpoint") from err
+
+
+def _data_hook(path: Path):
+    def hook(code: int, data: bytes):
+        if code == _EXT_SLICE_ND:
+            return ("__slice__", _slice_nd(data, path))
+        if code == _EXT_NDARRAY:
+            shape, dtype, raw = _unpack(data, path)
+            np_dtype = _dtype(dtype)
+            flat = np.frombuffer(raw, dtype=np_dtype)
+            if flat.size != int(np.prod(shape, dtype=np.int64)):
+                raise ReferenceCheckpointError(f"{path}: an ndarray of shape {shape} holds {flat.size} values")
+            return ("__array__", dtype, flat.reshape(-1))
+        raise ReferenceCheckpointError(f"{path}: unexpected MessagePack ext type {code} in a data file "
+                                       f"(expected {_EXT_NDARRAY} or {_EXT_SLICE_ND})")
+    return hook
+
+
+def _to_float32_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_reference_checkpoint(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of the checkpoint at ``prefix`` (``<prefix>.index``, ``<prefix>.data-NNNNN-of-MMMMM``).
+
+    Returns {flax path joined by "/": numpy array} in leaf order. Chunks may be split along any axes and
+    spread over any of the data files; every element must be written exactly once. bfloat16 arrays come
+    back as float32 with identical values. Raises FileNotFoundError naming a missing file and
+    ReferenceCheckpointError (a ValueError) naming the file for truncated, foreign or inconsistent data.
+    """
+    infos, count = read_reference_index(prefix)
+    arrays = {i: np.empty(info.shape, dtype=_dtype(info.dtype)) for i, info in enumerate(infos)}
+    written = {i: np.zeros(info.shape, dtype=bool) for i, info in enumerate(infos)}
+    names = [f"{os.fspath(prefix)}.data-{n:05d}-of-{count:05d}" for n in range(count)]
+    missing = [name for name in names if not Path(name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint data file(s) missing: {missing} (the index "
+                                f"{os.fspath(prefix)}.index lists {count} data files)")
+    for name in names:
+        path = Path(name)
+        data = _unpack(path.read_bytes(), path, _data_hook(path))
+        if not isinstance(data, dict) or data.get(_CHUNK_MARKER) is not True:
+            raise ReferenceCheckpointError(f"{path}: not a reference checkpoint data file (no "
+                                           f"{_CHUNK_MARKER!r} marker)")
+        for key, chunks in data.items():
+            if key == _CHUNK_MARKER:
+                continue
+            _place(path, key, chunks, infos, arrays, written)
+    for i, info in enumerate(infos):
+        if not written[i].all():
+            raise ReferenceCheckpointError(
+                f"array {info.path} {info.shape}: {int((~written[i]).sum())} of {written[i].size} elements are "
+                f"in no chunk of the data files of {os.fspath(prefix)}")
+    out = {}
+    for i, info in enumerate(infos):
+        out[info.path] = _to_float32_bits(arrays[i]) if info.dtype == "bfloat16" else arrays[i]
+    return out
+
+
+def _place(path: Path, key: Any, chunks: Any, infos: list[ArrayInfo], arrays: dict, written: dict) -> None:
+    try:
+        leaf = int(key)
+    except (TypeError, ValueError):
+        raise ReferenceCheckpointError(f"{path}: key {key!r} is not a leaf number") from None
+    if not 0 <= leaf < len(infos):
+        raise ReferenceCheckpointError(f"{path}: leaf {leaf} is not in the index ({len(infos)} arrays)")
+    info = infos[leaf]
+    for chunk in chunks:
+        subchunks, (tag, bounds) = chunk
+        if tag != "__slice__" or len(bounds) != len(info.shape):
+            raise ReferenceCheckpointError(f"{path}: chunk of {info.path} has slice {bounds} for shape {info.shape}")
+        if any(stop > n for (_, stop), n in zip(bounds, info.shape)):
+            raise ReferenceCheckpointError(f"{path}: chunk {bounds} of {info.path} lies outside shape {info.shape}")
+        parts = []
+        for sub in subchunks:
+            if not (isinstance(sub, tuple) and sub[0] == "__array__"):
+                raise ReferenceCheckpointError(f"{path}: chunk of {info.path} holds a non-array subchunk")
+            if sub[1] != info.dtype:
+                raise ReferenceCheckpointError(f"{path}: chunk of {info.path} is {sub[1]}, the index says "
+                                               f"{info.dtype}")
+            parts.append(sub[2])
+        values = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        shape = tuple(stop - start for start, stop in bounds)
+        if values.size != int(np.prod(shape, dtype=np.int64)):
+            raise ReferenceCheckpointError(f"{path}: chunk {bounds} of {info.path} holds {values.size} values, "
+                                           f"its slice needs {int(np.prod(shape))}")
+        where = tuple(slice(start, stop) for start, stop in bounds)
+        if written[leaf][where].any():
+            raise ReferenceCheckpointError(f"{path}: chunk {bounds} of {info.path} overlaps another chunk")
+        arrays[leaf][where] = values.reshape(shape)
+        written[leaf][where] = True

@@ -1,0 +1,64 @@
+"""An ImageClassifier from a Lightning checkpoint written by ``vmoe fit``: the one rule shared by the ``vmoe``
+commands (``--ckpt_path`` of test/validate/predict/fit) and ``vmoe visualize`` / ``vmoe sweep``.
+
+The network weights come from the checkpoint, so the arguments that only choose the *starting* weights
+(a dense file to upcycle, timm's pretrained weights) are switched off: the file they named may be gone, and
+``upcycle_kwargs`` without a source is an error.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..models.checkpoint import read_checkpoint
+
+__all__ = ["STARTING_WEIGHTS", "read_lightning_checkpoint", "classifier_hparams", "load_classifier"]
+
+# Model arguments that only choose the starting weights, and their "none" values.
+STARTING_WEIGHTS: dict[str, Any] = {"checkpoint_path": None, "pretrained": False, "upcycle_kwargs": None}
+
+
+def read_lightning_checkpoint(path: str | os.PathLike, option: str = "--ckpt_path") -> dict[str, Any]:
+    """The checkpoint dict of a ``vmoe fit`` .ckpt, or a ValueError naming ``option``, the file and what is wrong
+    (missing, empty, truncated, network weights instead of a training state, ...)."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        raise ValueError(f"{option} {path}: a .safetensors file holds network weights only, while {option} takes a "
+                         "Lightning .ckpt written by `vmoe fit` (weights, hyper-parameters, optimizer and loop "
+                         "state); to start from network weights pass --model.checkpoint_path instead")
+    try:
+        ckpt = read_checkpoint(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"{option} {path}: no such checkpoint file") from err
+    except ValueError as err:
+        raise ValueError(f"{option}: {err}") from err
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise ValueError(f"{option} {path} is not a Lightning checkpoint of an ImageClassifier (it has {keys}; "
+                         "expected state_dict and hyper_parameters, as `vmoe fit` writes); network weights go to "
+                         "--model.checkpoint_path")
+    return dict(ckpt)
+
+
+def classifier_hparams(hparams: Mapping[str, Any], keep: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """ImageClassifier arguments from a checkpoint's hyper-parameters: private entries dropped, starting-weight
+    arguments switched off except those in ``keep`` (e.g. given explicitly on the command line)."""
+    out = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    out.update({k: v for k, v in STARTING_WEIGHTS.items() if k not in keep})
+    return out
+
+
+def load_classifier(ckpt_path: str | os.PathLike, device: str = "auto") -> nn.Module:
+    """The ImageClassifier of a ``vmoe fit`` checkpoint, in eval mode on ``device`` ("auto": CUDA if available)."""
+    import torch
+
+    from .module import ImageClassifier
+
+    checkpoint = read_lightning_checkpoint(ckpt_path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = ImageClassifier(**classifier_hparams(checkpoint["hyper_parameters"]))
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.to(device).eval()
