@@ -209,3 +209,17 @@ def test_static_dispatch_fits_every_router(router):
     ref = layer(x)
     layer.dispatch = "static"
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "static", "reference"])
+def test_bfloat16_dispatch_keyword_is_the_round_to_policy_of_every_strategy(dispatch):
+    layer = MoEMlp(16, 32, num_experts=4, k=2, bfloat16_dispatch=True, dispatch=dispatch).eval()
+    assert layer.bfloat16_dispatch and layer.dispatch.name == dispatch
+    assert layer.dispatch.precision.round_to == torch.bfloat16
+    x = torch.randn(2, 6, 16)
+    y = layer(x)
+    layer.dispatch = "reference"  # by name: the policy is kept
+    torch.testing.assert_close(y, layer(x), atol=1e-6, rtol=1e-6)
+    layer.bfloat16_dispatch = False
+    assert layer.dispatch.name == "reference" and layer.dispatch.precision.round_to is None
+    assert not torch.allclose(layer(x), y, atol=1e-5)

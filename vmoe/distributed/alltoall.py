@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..moe.dispatch import Dispatch, moe_combine
+from ..moe.dispatch import AutoDispatch, Dispatch, DispatchPrecision, moe_combine
 from ..moe.routing import Routing
 from .groups import ExpertParallelGroups
 
@@ -158,6 +158,10 @@ class ExpertParallelDispatch(Dispatch):
     def __init__(self, expert_parallel: ExpertParallel, local: Dispatch | None = None) -> None:
         super().__init__(None if local is None else local.precision)
         self.expert_parallel, self.local = expert_parallel, local
+
+    def with_precision(self, precision: DispatchPrecision) -> "ExpertParallelDispatch":
+        local = (self.local or AutoDispatch()).with_precision(precision)
+        return ExpertParallelDispatch(self.expert_parallel, local)
 
     def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
         hook = self.expert_parallel

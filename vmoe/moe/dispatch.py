@@ -20,6 +20,7 @@ rounds expert inputs and outputs to bf16 and combines in float32 (the JAX V-MoE 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -46,7 +47,8 @@ class DispatchPrecision:
     """Which dtypes the values crossing the dispatch take.
 
     round_to: None, or a dtype (bfloat16) that expert inputs are rounded to before the experts and expert
-    outputs after them; the combine weights and the weighted sum are then float32.
+    outputs after them; the combine weights and the weighted sum then stay in the block input's dtype
+    (float32 under autocast, V-MoE's ``dispatcher.bfloat16``).
     """
 
     round_to: torch.dtype | None = None
@@ -58,10 +60,11 @@ class DispatchPrecision:
             x = x.to(self.round_to)
         return x.to(dtype)
 
-    def expert_output(self, y: Tensor) -> Tensor:
-        """y in the dtype the combine uses."""
+    def expert_output(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """Expert outputs y in the dtype the combine uses: with ``round_to``, rounded and back in the block
+        input's ``dtype`` (float32 under autocast); else as the experts computed them."""
         if self.round_to is not None:
-            return y.to(self.round_to).float()
+            return y.to(self.round_to).to(dtype)
         return y
 
 
@@ -80,6 +83,12 @@ class Dispatch:
     def resolve(self, x: Tensor) -> "Dispatch":
         """The strategy that runs for x (itself, except for :class:`AutoDispatch`)."""
         return self
+
+    def with_precision(self, precision: DispatchPrecision) -> "Dispatch":
+        """The same strategy with another precision policy."""
+        new = copy.copy(self)
+        new.precision = precision
+        return new
 
     def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
         raise NotImplementedError
@@ -134,7 +143,8 @@ def moe_combine(x: Tensor, routing: Routing, experts: ExpertFn, num_experts: int
     """
     precision = precision or DispatchPrecision()
     sa = sort_assignments(routing, num_experts)
-    y = precision.expert_output(experts(precision.expert_input(x.index_select(0, sa.token_index)), sa.counts))
+    y = experts(precision.expert_input(x.index_select(0, sa.token_index)), sa.counts)
+    y = precision.expert_output(y, x.dtype)
     y = y * sa.weight.to(y.dtype).unsqueeze(-1)
     out = y.new_zeros(x.shape[0], y.shape[-1])
     return out.index_add_(0, sa.token_index, y)
@@ -154,7 +164,7 @@ def combine_reference(x: Tensor, routing: Routing, expert_fn: Callable[[int, Ten
     out = None
     for e in range(num_experts):
         tokens, choice = torch.nonzero((expert == e) & kept, as_tuple=True)
-        y = precision.expert_output(expert_fn(e, precision.expert_input(x[tokens])))
+        y = precision.expert_output(expert_fn(e, precision.expert_input(x[tokens])), x.dtype)
         y = y * weight[tokens, choice].unsqueeze(-1).to(y.dtype)
         out = torch.zeros(x.shape[0], y.shape[-1], dtype=y.dtype, device=x.device) if out is None else out
         out = out.index_add(0, tokens, y.to(out.dtype))
@@ -188,6 +198,9 @@ class AutoDispatch(Dispatch):
         super().__init__(precision)
         from .static_dispatch import StaticCapacityDispatch
         self.sorted, self.static = SortedDispatch(self.precision), StaticCapacityDispatch(self.precision)
+
+    def with_precision(self, precision: DispatchPrecision) -> "AutoDispatch":
+        return AutoDispatch(precision)
 
     def resolve(self, x: Tensor) -> Dispatch:
         if torch.compiler.is_compiling() or x.device.type != "cpu":

@@ -64,7 +64,7 @@ def static_combine(x: Tensor, routing: Routing, experts, capacity: int,
     # A zero row N for the empty slots: their expert outputs are never read, but they must be finite
     # (0 * NaN in backward would poison the weight gradients).
     buffers = F.pad(xe, (0, 0, 0, 1)).index_select(0, slots.source).view(e, -1, x.shape[-1])
-    y = precision.expert_output(experts.forward_buffers(buffers))  # [E, G*C, D_out]
+    y = precision.expert_output(experts.forward_buffers(buffers), x.dtype)  # [E, G*C, D_out]
     y = y.reshape(-1, y.shape[-1]).index_select(0, slots.dest).view(n, k, -1)
     weight = routing.combine_weights.reshape(n, k, 1).to(y.dtype)
     return (y * weight).sum(1)
