@@ -6,6 +6,7 @@ from .checkpoint import (check_state_dict, extract_state_dict, load_weights, rea
 from .ensemble import EnsembleVisionTransformer, to_ensemble
 from .flops import ModelCost, flops_table, model_cost
 from .reference import infer_architecture, load_reference, read_reference_checkpoint
+from .hub import save_pretrained  # also registers the generic "vmoe" timm name
 from .registry import UPCYCLE_FROM, VMOE_MODELS
 from .routing import aux_loss, capture_routing, moe_block_indices, moe_layers_by_block, set_routing
 from .upcycle import upcycle, upcycle_state_dict
@@ -15,5 +16,5 @@ __all__ = [
     "save_weights", "load_weights", "read_checkpoint", "read_state_dict", "extract_state_dict", "check_state_dict",
     "moe_block_indices", "moe_layers_by_block", "aux_loss", "set_routing", "capture_routing",
     "ModelCost", "model_cost", "flops_table", "VMOE_MODELS", "UPCYCLE_FROM",
-    "read_reference_checkpoint", "infer_architecture", "load_reference", "EnsembleVisionTransformer", "to_ensemble",
+    "read_reference_checkpoint", "infer_architecture", "load_reference", "EnsembleVisionTransformer", "to_ensemble", "save_pretrained",
 ]

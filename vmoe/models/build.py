@@ -137,6 +137,12 @@ def convert_to_moe(
         moe = build_moe_mlp(router=router, **mlp_config(block.mlp), num_experts=count, **optional, **extra)
         # the new block lives where the dense one did (GPU, bf16 or meta models stay uniform)
         block.mlp = moe.to(device=ref.device, dtype=ref.dtype) if ref is not None else moe
+    from .hub import record_moe_args  # the model now calls itself "vmoe" (not its dense backbone) for timm's export
+
+    record_moe_args(model, dict(moe_layers=moe_layers, num_experts=num_experts, k=k, capacity_factor=capacity_factor,
+                                eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority,
+                                noise_std=noise_std, group_size=group_size, router=router, moe_kwargs=moe_kwargs))
+
     from .ensemble import to_ensemble  # E³ (router="ensemble"): the batch repeat before the first MoE block
 
     return to_ensemble(model)

@@ -72,10 +72,10 @@ def _vit_moe(moe: dict[str, Any], **vit_kwargs) -> nn.Module:
 
 
 def _upcycle_filter(state_dict: dict, model: nn.Module, upcycle_kwargs: dict[str, Any]) -> dict:
-    try:
-        return upcycle_state_dict(state_dict, model, **upcycle_kwargs)
-    except TypeError as err:  # timm would retry a TypeError-raising filter with one argument
-        raise RuntimeError(f"upcycling the pretrained weights failed: {err}") from err
+    # V-MoE weights (e.g. a save_pretrained folder) load as they are; only dense weights are upcycled.
+    from .hub import _upcycle_filter as filter_fn
+
+    return filter_fn(state_dict, model, upcycle_kwargs)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:

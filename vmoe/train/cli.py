@@ -35,12 +35,14 @@ EXTRA_COMMANDS: dict[str, str] = {
     "sweep": "vmoe.viz.cli:sweep_main",
     "flops": "vmoe.models.flops:main",
     "convert": "vmoe.models.reference.cli:convert_main",
+    "export": "vmoe.models.export:main", "fewshot": "vmoe.eval.cli:fewshot_main",
 }
 EXTRA_HELP: dict[str, str] = {
     "visualize": "Draw which patches each router kept, dropped, and sent to which expert.",
     "sweep": "Evaluate a checkpoint over a range of eval capacity factors and plot the curve.",
     "flops": "Count the FLOPs of a dense ViT and its V-MoE.",
     "convert": "Convert a JAX V-MoE / E³ checkpoint (PREFIX.index + PREFIX.data-*) to model.safetensors + config.",
+    "export": "Export a checkpoint as a timm folder.", "fewshot": "Few-shot linear evaluation of a checkpoint.",
 }
 # Model arguments the CLI links from the DataModule; never taken from a checkpoint's hyper-parameters.
 LINKED_FROM_DATA = ("num_classes", "img_size", "in_chans")
@@ -203,6 +205,11 @@ class VMoECLI(LightningCLI):
             if key not in explicit:
                 self.config[subcommand]["model"][key] = off
         self._checkpoint = {}  # the weights are read again by Lightning; do not hold two copies
+
+    def after_fit(self) -> None:
+        from .checkpoints_report import report_checkpoints  # where `vmoe fit` wrote its checkpoints
+
+        report_checkpoints(self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..moe import iter_moe_layers
 from ..moe.routers import after_optimizer_step
+from .mixup import build_mixup, mix_batch, soft_target_cross_entropy, warn_if_normalisation_differs
 from .schedule import warmup_decay_factor
 
 __all__ = ["ImageClassifier", "build_network"]
@@ -70,6 +71,10 @@ class ImageClassifier(L.LightningModule):
     re-evaluates a trained checkpoint at another capacity without retraining.
 
     Loss: cross-entropy on logits [B, C] (``label_smoothing`` in training only) + the MoE auxiliary loss.
+    Mixup / CutMix in training (timm's ``Mixup``): ``mixup_alpha``, ``cutmix_alpha`` (> 0 switches each on),
+    ``cutmix_minmax``, ``mixup_prob`` (per batch), ``mixup_switch_prob`` (CutMix instead of Mixup when both
+    are on), ``mixup_mode`` ("batch", "pair", "elem"); the targets become soft (mixed, label-smoothed) and
+    train/acc1 counts the class with the largest share of the mixed target.
     Optimiser: AdamW/Adam (``betas``) or SGD (``momentum``, Nesterov); no weight decay on biases, norms,
     position embeddings and tokens; per-step linear warmup then ``lr_decay`` down to ``min_lr_ratio * lr``.
     Logs {train,val,test}/{loss,acc1,acc5,aux_loss} and {stage}/moe/block{i}/{load_cv,dropped_fraction}.
@@ -108,6 +113,12 @@ class ImageClassifier(L.LightningModule):
         lr_decay: Literal["cosine", "linear", "constant"] = "cosine",
         min_lr_ratio: float = 0.0,
         label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_minmax: tuple[float, float] | None = None,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: Literal["batch", "pair", "elem"] = "batch",
         compile: bool = False,
         compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -145,6 +156,9 @@ class ImageClassifier(L.LightningModule):
             if num_classes >= 5:
                 accuracy[f"{stage}_acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.accuracy = nn.ModuleDict(accuracy)
+        self.mixup = build_mixup(num_classes, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
+                                 cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax, prob=mixup_prob,
+                                 switch_prob=mixup_switch_prob, mode=mixup_mode)
 
     def configure_model(self) -> None:
         if self.hparams.get("compile") and not getattr(self, "_compiled", False):
@@ -164,12 +178,23 @@ class ImageClassifier(L.LightningModule):
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        soft = None
+        if stage == "train" and self.mixup is not None:
+            # soft targets [B, num_classes] (label smoothing included); accuracy counts the largest share
+            x, soft = mix_batch(self.mixup, x, y)
         members = getattr(self.model, "forward_members", None)
         if members is not None:  # E³: every member learns the label; metrics score the ensemble
             member_logits = members(x).float()  # [B, M, N]
             logits = member_logits.log_softmax(-1).mean(1)
-            task = F.cross_entropy(member_logits.flatten(0, 1), y.repeat_interleave(member_logits.shape[1], dim=0),
-                                   label_smoothing=smoothing)
+            m = member_logits.shape[1]
+            if soft is not None:
+                task = soft_target_cross_entropy(member_logits.flatten(0, 1), soft.repeat_interleave(m, dim=0))
+            else:
+                task = F.cross_entropy(member_logits.flatten(0, 1), y.repeat_interleave(m, dim=0),
+                                       label_smoothing=smoothing)
+        elif soft is not None:
+            logits = self(x).float()
+            task = soft_target_cross_entropy(logits, soft)
         else:
             logits = self(x).float()
             task = F.cross_entropy(logits, y, label_smoothing=smoothing)
@@ -219,6 +244,7 @@ class ImageClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.apply_routing_settings()
+        warn_if_normalisation_differs(self)
 
     def on_validation_start(self) -> None:
         self.apply_routing_settings()

@@ -171,7 +171,11 @@ def visualize(argv: list[str] | None = None) -> dict[str, str]:
         p.error(f"--capacity_factors must be a non-empty list of numbers > 0, got {args.capacity_factors}")
     dm, network = _setup(p, args, "validate")
     images, labels = _first_images(dm.val_dataloader(), args.num_images)
-    stats = collect_routing_stats(network, dm.val_dataloader(), dm.num_classes, args.max_batches)
+    from vmoe.eval.progress import track  # a progress bar on a terminal: the statistics pass reads the whole split
+
+    loader = dm.val_dataloader()
+    total = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
+    stats = collect_routing_stats(network, track(loader, "routing statistics", total), dm.num_classes, args.max_batches)
     figures = routing_figures(network, images, labels, mean=getattr(dm, "mean", None), std=getattr(dm, "std", None),
                               capacity_factors=args.capacity_factors, stats=stats, class_names=class_names(dm))
     written = {name: save_figure(fig, os.path.join(args.out, f"{name}.png")) for name, fig in figures.items()}

@@ -2,8 +2,7 @@
 with vanilla routing and with Batch Priority Routing (the V-MoE paper's capacity experiment)."""
 from __future__ import annotations
 
-import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,18 +30,61 @@ def mcnemar_p_value(only_a: int, only_b: int) -> float:
 
     only_a / only_b: images that only A / only B got right. Under "A and B are equally accurate" each such
     image is a fair coin, so p = 2 * P(X <= min(only_a, only_b)) for X ~ Binomial(only_a + only_b, 1/2),
-    capped at 1; 1.0 when there is no disagreement at all.
+    capped at 1 (scipy's exact binomial test); 1.0 when there is no disagreement at all.
     """
     if only_a < 0 or only_b < 0:
         raise ValueError(f"counts must be >= 0, got {only_a} and {only_b}")
-    n = only_a + only_b
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
+    if only_a + only_b == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(min(1.0, binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue))
+
+
+def _count_drops(routings: dict) -> tuple[int, int, int, int]:
+    """(tokens that lost every choice, tokens, assignments dropped, assignments) over the MoE layers."""
+    dropped_tokens = tokens = dropped_assignments = assignments = 0
+    for routing in routings.values():
+        kept = routing.kept  # [B, T, K]
+        dropped_tokens += int((~kept.any(-1)).sum())
+        tokens += kept.shape[0] * kept.shape[1]
+        dropped_assignments += int((~kept).sum())
+        assignments += kept.numel()
+    return dropped_tokens, tokens, dropped_assignments, assignments
+
+
+def _evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], factor: float, mode: str,
+              max_batches: int | None, advance: Callable[[int], None]) -> tuple[dict, Tensor]:
+    """One (capacity factor, mode) pass: its row and the per-image hits [N] (bool, in loader order)."""
+    hits, counts = [], [0, 0, 0, 0]
+    for step, (images, labels) in enumerate(batches):
+        if max_batches is not None and step >= max_batches:
+            break
+        logits, routings = route(model, images, eval_capacity_factor=factor, batch_priority=MODES[mode])
+        hits.append(logits.argmax(-1).cpu() == labels.cpu())
+        counts = [a + b for a, b in zip(counts, _count_drops(routings))]
+        advance(1)
+    if not hits:
+        raise ValueError("the sweep saw no images: the data loader is empty")
+    hit = torch.cat(hits)
+    row = {"capacity_factor": factor, "mode": mode, "accuracy": float(hit.double().mean()),
+           "dropped_tokens": counts[0] / max(counts[1], 1), "dropped_assignments": counts[2] / max(counts[3], 1),
+           "num_images": int(hit.numel()), "only_correct": None, "p_value": None}
+    return row, hit
+
+
+def _pair_modes(rows: list[dict], hits: dict[str, Tensor]) -> None:
+    """Fill only_correct and the McNemar p-value into the vanilla and BPR rows of one capacity factor."""
+    only = {m: int((hits[m] & ~hits[other]).sum()) for m, other in (("vanilla", "bpr"), ("bpr", "vanilla"))}
+    p_value = mcnemar_p_value(only["vanilla"], only["bpr"])
+    for row in rows:
+        row.update(only_correct=only[row["mode"]], p_value=p_value)
 
 
 def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                    capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
-                   modes: Sequence[str] = ("vanilla", "bpr"), max_batches: int | None = None) -> list[dict]:
+                   modes: Sequence[str] = ("vanilla", "bpr"), max_batches: int | None = None,
+                   show_progress: bool | None = None) -> list[dict]:
     """Evaluate ``model`` (eval mode) on (images, labels) batches for every capacity factor and mode.
 
     ``batches`` must be re-iterable in the same order (an unshuffled DataLoader: the paired counts compare
@@ -53,43 +95,28 @@ def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     choices that got no slot), plus num_images. With both modes: only_correct (images this mode got right
     and the other wrong) and p_value (exact McNemar test of the two modes at this factor, the same on both
     rows), so a gap between vanilla and BPR can be told from noise; None with a single mode.
+    show_progress: a progress bar on stderr (None = when stderr is a terminal).
     """
+    from ..eval.progress import progress
+
     factors = _check_factors(capacity_factors)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown routing modes {unknown}; valid: {sorted(MODES)}")
-    rows = []
-    for factor in factors:
-        hits = {}  # mode -> [N] bool, per test image, in loader order
-        for mode in modes:
-            correct = images_seen = 0
-            hit = []
-            dropped_tokens = tokens = dropped_assignments = assignments = 0
-            for step, (images, labels) in enumerate(batches):
-                if max_batches is not None and step >= max_batches:
-                    break
-                logits, routings = route(model, images, eval_capacity_factor=factor, batch_priority=MODES[mode])
-                hit.append(logits.argmax(-1).cpu() == labels.cpu())
-                correct += int(hit[-1].sum())
-                images_seen += int(labels.shape[0])
-                for routing in routings.values():
-                    kept = routing.kept  # [B, T, K]
-                    dropped_tokens += int((~kept.any(-1)).sum())
-                    tokens += kept.shape[0] * kept.shape[1]
-                    dropped_assignments += int((~kept).sum())
-                    assignments += kept.numel()
-            if images_seen == 0:
-                raise ValueError("the sweep saw no images: the data loader is empty")
-            hits[mode] = torch.cat(hit)
-            rows.append({"capacity_factor": factor, "mode": mode, "accuracy": correct / images_seen,
-                         "dropped_tokens": dropped_tokens / max(tokens, 1),
-                         "dropped_assignments": dropped_assignments / max(assignments, 1),
-                         "num_images": images_seen, "only_correct": None, "p_value": None})
-        if set(hits) == set(MODES):
-            only = {m: int((hits[m] & ~hits[other]).sum()) for m, other in (("vanilla", "bpr"), ("bpr", "vanilla"))}
-            p_value = mcnemar_p_value(only["vanilla"], only["bpr"])
-            for row in rows[-len(modes):]:
-                row.update(only_correct=only[row["mode"]], p_value=p_value)
+    per_pass = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    if per_pass is not None and max_batches is not None:
+        per_pass = min(per_pass, max_batches)
+    total = None if per_pass is None else per_pass * len(factors) * len(modes)
+    rows: list[dict] = []
+    with progress("capacity sweep", total, show_progress) as advance:
+        for factor in factors:
+            factor_rows, hits = [], {}
+            for mode in modes:
+                row, hits[mode] = _evaluate(model, batches, factor, mode, max_batches, advance)
+                factor_rows.append(row)
+            if set(hits) == set(MODES):
+                _pair_modes(factor_rows, hits)
+            rows += factor_rows
     return rows
 
 

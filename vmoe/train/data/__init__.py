@@ -5,8 +5,10 @@ from .cifar import CIFAR10DataModule, CIFAR100DataModule
 from .digits import DigitsDataModule
 from .fashion_mnist import FashionMNISTDataModule, find_fashion_mnist, read_idx
 from .imagefolder import ImageFolderDataModule, ImageReadError, load_rgb
+from .timm_data import TimmDataModule, resolve_model_data_config
 from .transforms import DATASET_STATS, stats_for
 
 __all__ = ["ImageDataModule", "TensorImageDataset", "seeded_split", "CIFAR10DataModule", "CIFAR100DataModule",
            "DigitsDataModule", "FashionMNISTDataModule", "find_fashion_mnist", "read_idx", "ImageFolderDataModule",
-           "ImageReadError", "load_rgb", "DATASET_STATS", "stats_for"]
+           "ImageReadError", "load_rgb", "DATASET_STATS", "stats_for", "TimmDataModule",
+           "resolve_model_data_config"]

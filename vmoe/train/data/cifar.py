@@ -21,7 +21,8 @@ class _CIFARDataModule(ImageDataModule):
     classes: int
 
     def __init__(self, data_dir: str = "data", img_size: int = 32, val_size: int = 5000, split_seed: int = 0,
-                 augment: str = "crop_flip", download: bool = False, batch_size: int = 128,
+                 augment: str = "crop_flip", download: bool = False, auto_augment: str | None = None,
+                 re_prob: float = 0.0, batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 0, pin_memory: bool | None = None) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         if img_size < 8:
@@ -32,7 +33,9 @@ class _CIFARDataModule(ImageDataModule):
         self.img_size, self.in_chans, self.num_classes = img_size, 3, self.classes
         self.mean, self.std = stats_for(self.dataset_name)
         self.val_size, self.split_seed, self.augment = val_size, split_seed, augment
-        self.train_transform = tensor_train_transform(img_size, self.mean, self.std, augment=augment)
+        self.auto_augment, self.re_prob = auto_augment, re_prob
+        self.train_transform = tensor_train_transform(img_size, self.mean, self.std, augment=augment,
+                                                      auto_augment=auto_augment, re_prob=re_prob)
         self.eval_transform = tensor_eval_transform(self.mean, self.std)
 
     def _torchvision_class(self) -> type:

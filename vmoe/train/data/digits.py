@@ -18,7 +18,8 @@ class DigitsDataModule(ImageDataModule):
     """
 
     def __init__(self, img_size: int = 16, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 split_seed: int = 0, augment: str = "affine", batch_size: int = 64,
+                 split_seed: int = 0, augment: str = "affine", auto_augment: str | None = None,
+                 re_prob: float = 0.0, batch_size: int = 64,
                  eval_batch_size: int | None = None, num_workers: int = 0, pin_memory: bool | None = None) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         if img_size < 8:
@@ -29,8 +30,9 @@ class DigitsDataModule(ImageDataModule):
         self.img_size, self.in_chans, self.num_classes = img_size, 1, 10
         self.mean, self.std = stats_for("digits")
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
-        self.augment = augment
-        self.train_transform = tensor_train_transform(img_size, self.mean, self.std, augment=augment)
+        self.augment, self.auto_augment, self.re_prob = augment, auto_augment, re_prob
+        self.train_transform = tensor_train_transform(img_size, self.mean, self.std, augment=augment,
+                                                      auto_augment=auto_augment, re_prob=re_prob)
         self.eval_transform = tensor_eval_transform(self.mean, self.std)
 
     def setup(self, stage: str | None = None) -> None:

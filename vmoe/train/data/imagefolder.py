@@ -1,4 +1,9 @@
-"""Any ImageNet-layout tree: <dir>/<class>/<image>, with separate train and val (and optional test) dirs."""
+"""Any ImageNet-layout tree: <dir>/<class>/<image>, with separate train and val (and optional test) dirs.
+
+A thin layer over :class:`TimmDataModule` (timm's folder reader and transforms) that keeps the original
+arguments: directories per split, torchvision's class order (plain sorted), and a check that every split
+has the training classes.
+"""
 from __future__ import annotations
 
 import os
@@ -6,11 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torch.utils.data import Dataset
 
-from .base import ImageDataModule
-from .transforms import imagefolder_eval_transform, imagefolder_train_transform, stats_for
+from .timm_data import TimmDataModule, folder_classes
 
 __all__ = ["ImageFolderDataModule", "ImageReadError", "load_rgb"]
 
@@ -35,47 +38,47 @@ def _check_dir(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderDataModule(TimmDataModule):
     """Train on ``train_dir``, validate on ``val_dir`` and test on ``test_dir`` (default: ``val_dir``).
 
     Classes are the sub-directory names of train_dir (sorted); val/test must have the same ones.
-    Train: inception-style random-resized crop (``train_crop_scale``) + flip (+ RandAugment); eval: resize the
-    short side to img_size / crop_pct then centre crop. mean/std default to ImageNet's.
+    Train: inception-style random-resized crop (``train_crop_scale``) + flip, optionally RandAugment
+    (``randaugment: true`` = timm's "rand-m9-mstd0.5-inc1", or any timm ``auto_augment`` string) and random
+    erasing (``re_prob``); eval: resize the short side to img_size / crop_pct then centre crop.
+    Normalisation: ``mean``/``std`` if given, else those of ``model``'s pretrained_cfg (a timm name such as
+    vit_small_patch16_224: 0.5/0.5, what timm's augreg ViT weights expect), else ImageNet's.
     """
 
     def __init__(self, train_dir: str, val_dir: str, test_dir: str | None = None, img_size: int = 224,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  train_crop_scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, randaugment: bool = False,
-                 crop_pct: float = 0.875, batch_size: int = 128, eval_batch_size: int | None = None,
-                 num_workers: int = 4, pin_memory: bool | None = None) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+                 crop_pct: float = 0.875, model: str | None = None, interpolation: str = "bilinear",
+                 auto_augment: str | None = None, re_prob: float = 0.0, batch_size: int = 128,
+                 eval_batch_size: int | None = None, num_workers: int = 4, pin_memory: bool | None = None) -> None:
         self.train_dir = _check_dir(train_dir, "train_dir")
         self.val_dir = _check_dir(val_dir, "val_dir")
         self.test_dir = _check_dir(test_dir, "test_dir") if test_dir is not None else self.val_dir
-        self.classes, _ = find_classes(str(self.train_dir))
-        default_mean, default_std = stats_for("imagenet")
-        self.mean = tuple(mean) if mean is not None else default_mean
-        self.std = tuple(std) if std is not None else default_std
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean} std={self.std}")
-        self.img_size, self.in_chans, self.num_classes = img_size, 3, len(self.classes)
-        self.train_transform = imagefolder_train_transform(img_size, self.mean, self.std, scale=tuple(train_crop_scale),
-                                                           hflip=hflip, randaugment=randaugment)
-        self.eval_transform = imagefolder_eval_transform(img_size, self.mean, self.std, crop_pct=crop_pct)
+        if mean is not None and len(mean) != 3 or std is not None and len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got mean={mean} std={std}")
+        if randaugment and auto_augment:
+            raise ValueError(f"give randaugment=true or auto_augment={auto_augment!r}, not both")
+        super().__init__(root="", train_split=str(self.train_dir), val_split=str(self.val_dir),
+                         test_split=str(self.test_dir), model=model, img_size=img_size, mean=mean, std=std,
+                         interpolation=interpolation, crop_pct=crop_pct, scale=tuple(train_crop_scale), hflip=hflip,
+                         color_jitter=0.0, auto_augment="rand-m9-mstd0.5-inc1" if randaugment else auto_augment,
+                         re_prob=re_prob, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         num_workers=num_workers, pin_memory=pin_memory)
 
-    def _folder(self, root: Path, transform) -> ImageFolder:
-        ds = ImageFolder(str(root), transform=transform, loader=load_rgb)
-        if ds.classes != self.classes:
-            missing = sorted(set(self.classes) - set(ds.classes))
-            extra = sorted(set(ds.classes) - set(self.classes))
-            raise ValueError(f"{root} has different classes than train_dir {self.train_dir}: missing {missing}, "
-                             f"extra {extra}")
-        return ds
+    def _sort_natural(self) -> bool:
+        return False  # torchvision's ImageFolder order, as checkpoints trained before the timm pipeline used
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._folder(self.train_dir, self.train_transform)
-        if stage in (None, "fit", "validate") and self.val_set is None:
-            self.val_set = self._folder(self.val_dir, self.eval_transform)
-        if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = self._folder(self.test_dir, self.eval_transform)
+    def _dataset(self, split: str) -> Dataset:
+        root = self.split_path(split)
+        if split != "train":
+            classes = folder_classes(root, natural_order=False)
+            if classes != self.classes:
+                missing = sorted(set(self.classes) - set(classes))
+                extra = sorted(set(classes) - set(self.classes))
+                raise ValueError(f"{root} has different classes than train_dir {self.train_dir}: missing {missing}, "
+                                 f"extra {extra}")
+        return super()._dataset(split)

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["DATASET_STATS", "stats_for", "tensor_train_transform", "tensor_eval_transform",
+__all__ = ["DATASET_STATS", "stats_for", "parse_rand_augment", "tensor_train_transform", "tensor_eval_transform",
            "imagefolder_train_transform", "imagefolder_eval_transform"]
 
 # (mean, std) per channel of the training split, pixel values scaled to [0, 1].
@@ -37,15 +37,45 @@ def _to_float() -> v2.Transform:
     return v2.ToDtype(torch.float32, scale=True)
 
 
+def parse_rand_augment(spec: str) -> tuple[int, int]:
+    """(num_ops, magnitude) of a timm-style RandAugment string "rand-m9-n2" (defaults n=2, m=9; magnitude
+    on timm's 0-10 scale). Other timm options (mstd, inc, ...) need PIL images: use TimmDataModule for them."""
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"auto_augment={spec!r}: in-memory datasets support RandAugment strings 'rand-m<M>-n<N>' "
+                         "(e.g. rand-m9-n2); for timm's other policies use TimmDataModule")
+    values = {"m": 9, "n": 2}
+    for part in parts[1:]:
+        key, num = part[:1], part[1:]
+        if key not in values or not num.isdigit():
+            raise ValueError(f"auto_augment={spec!r}: option {part!r} is not supported here (only m<magnitude 0-10> "
+                             "and n<number of ops>)")
+        values[key] = int(num)
+    if not 0 <= values["m"] <= 10 or values["n"] < 1:
+        raise ValueError(f"auto_augment={spec!r}: magnitude must be in [0, 10] and n >= 1")
+    return values["n"], values["m"]
+
+
 def tensor_train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], *, augment: str = "crop_flip",
-                           padding: int | None = None) -> v2.Transform:
+                           padding: int | None = None, auto_augment: str | None = None,
+                           re_prob: float = 0.0) -> v2.Transform:
     """Training pipeline for in-memory tensor images [C, H, W] that already have side ``img_size``.
 
     augment: "none"; "crop_flip" (pad-and-random-crop + horizontal flip: CIFAR, Fashion-MNIST);
     "crop" (pad-and-random-crop only); "affine" (small rotation/shift/scale: digits, where flips change the class).
+    auto_augment: "rand-m<M>-n<N>": RandAugment (torchvision's ops, timm's magnitude scale 0-10) on the
+    uint8 image, before the geometric augmentation. re_prob: random erasing (per-pixel normal noise, as timm's
+    "pixel" mode) of one rectangle after normalisation, with this probability.
     """
+    if not 0 <= re_prob <= 1:
+        raise ValueError(f"re_prob must be a probability in [0, 1], got {re_prob}")
     pad = max(1, img_size // 8) if padding is None else padding
-    steps: list[v2.Transform] = [_to_float()]
+    steps: list[v2.Transform] = []
+    if auto_augment:
+        num_ops, magnitude = parse_rand_augment(auto_augment)
+        # RandAugment's colour ops (posterize, equalize) need uint8 images
+        steps += [v2.ToDtype(torch.uint8, scale=True), v2.RandAugment(num_ops, magnitude, num_magnitude_bins=11)]
+    steps.append(_to_float())
     if augment == "crop_flip":
         steps += [v2.RandomCrop(img_size, padding=pad), v2.RandomHorizontalFlip()]
     elif augment == "crop":
@@ -55,6 +85,8 @@ def tensor_train_transform(img_size: int, mean: Sequence[float], std: Sequence[f
     elif augment != "none":
         raise ValueError(f"augment must be one of 'none', 'crop', 'crop_flip', 'affine'; got {augment!r}")
     steps.append(v2.Normalize(list(mean), list(std)))
+    if re_prob > 0:
+        steps.append(v2.RandomErasing(re_prob, value="random"))
     return v2.Compose(steps)
 
 

@@ -1,0 +1,72 @@
+"""``vmoe export CKPT --out DIR``: a trained Lightning checkpoint as a timm folder (config.json + safetensors).
+
+The network and its hyper-parameters come from the checkpoint (a checkpoint written with the EMA callback
+holds the averaged weights, and so does the export). The preprocessing (mean, std, image size, crop) comes
+from the training datamodule, found like ``vmoe visualize`` finds it: ``--config`` or the config.yaml that
+LightningCLI saved next to ``checkpoints/``; without one the backbone's pretrained_cfg is kept.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["export_checkpoint", "datamodule_preprocessing", "main"]
+
+
+def datamodule_preprocessing(data: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
+    """(data_config for timm, class names or None) of a training YAML's ``data`` section.
+
+    The datamodule is only constructed (no data is read), so its normalisation and size are known.
+    """
+    from vmoe.viz.report import class_names
+
+    module_name, _, cls_name = data["class_path"].rpartition(".")
+    if not module_name:
+        module_name = "vmoe.train.data"
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    dm = cls(**(data.get("init_args") or {}))
+    size = int(dm.img_size)
+    config: dict[str, Any] = {"mean": tuple(dm.mean), "std": tuple(dm.std), "input_size": (dm.in_chans, size, size)}
+    for key in ("crop_pct", "interpolation", "crop_mode"):
+        value = getattr(dm, key, None)
+        if value is not None:
+            config[key] = value
+    return config, class_names(dm)
+
+
+def export_checkpoint(ckpt_path: str, out: str, config: str | None = None) -> Path:
+    """Write the network of ``ckpt_path`` (an ImageClassifier .ckpt) into ``out`` with ``save_pretrained``."""
+    from vmoe.models.hub import save_pretrained
+    from vmoe.viz.cli import load_classifier, resolve_data_config
+
+    network = load_classifier(ckpt_path, "cpu").model
+    data, source = resolve_data_config(ckpt_path, config)
+    data_config, names = None, None
+    if data is not None:
+        data_config, names = datamodule_preprocessing(data)
+        print(f"preprocessing from {source}: mean {data_config['mean']}, std {data_config['std']}, "
+              f"input {data_config['input_size']}")
+    else:
+        print("no training config found (pass --config): the export keeps the backbone's pretrained_cfg "
+              "normalisation, which may not be what the model was trained with")
+    folder = save_pretrained(network, out, data_config=data_config, label_names=names)
+    arch = network.pretrained_cfg["architecture"]
+    print(f"wrote {folder / 'config.json'} and {folder / 'model.safetensors'} (architecture {arch!r}); load with "
+          f"`import vmoe, timm; timm.create_model('local-dir:{folder}', pretrained=True)`")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry of ``vmoe export CKPT --out DIR [--config TRAINING_YAML]``."""
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(prog="vmoe export", description="Export a trained checkpoint as a timm/Hugging Face folder "
+                                                       "(config.json + model.safetensors).")
+    p.add_argument("ckpt_path", type=str, help="Lightning checkpoint written by vmoe fit")
+    p.add_argument("--out", type=str, required=True, help="output folder (created)")
+    p.add_argument("--config", type=Optional[str], default=None,
+                   help="training YAML for the preprocessing (default: the config.yaml saved with the checkpoint)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    export_checkpoint(args.ckpt_path, args.out, args.config)
