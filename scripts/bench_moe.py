@@ -1,24 +1,32 @@
-"""Benchmark the MoE layer against its compute-equivalent dense MLP and the one-hot einsum dispatch.
+"""Benchmark the MoE layer: its dispatch strategies, eager and compiled, against the dense equivalent and peers.
 
 One run prints, for a ViT-S/16-sized layer (D=384, H=1536, 32 images x 197 tokens, K=2, capacity factor
 1.05) at E = 8, 32 and 64, the forward+backward time and the peak memory of
 
-- ``moe``: vmoe.moe.MoEMlp (sort-based dispatch, the fast path),
+- ``sorted``: vmoe's MoEMlp, sorted blocks (the CPU eager default),
+- ``static``: vmoe's MoEMlp, static-capacity [E, C, D] buffers and batched matmuls (the GPU/compile default),
+- ``static+compile``: the same under ``torch.compile`` (``--no-compile`` leaves it out),
 - ``dense``: timm's Mlp on the K*B*T tokens the experts would process (the compute-equivalent),
-- ``onehot``: the reference V-MoE formulation, one-hot [G, S, E, C] dispatch/combine tensors and einsums,
+- ``onehot``: the V-MoE paper's formulation, one-hot [G, S, E, C] dispatch/combine tensors and einsums,
+- peers, when installed (else the script says "not installed"): ``st-moe`` (st-moe-pytorch) and
+  ``lucidrains`` (mixture-of-experts), both given the same expert MLPs (GELU, hidden H), K=2, the same
+  capacity (their factor counts tokens, not assignments, so they get K * 1.05 for the same E*C slots as
+  ours) and every second choice kept; they route per image, as they are written to.
 
-as ratios to the dense run. Times are the best of interleaved repeats (noise on a shared machine only adds). On CPU they are the process's CPU
-time with one intra-op thread (``--threads``): on a shared machine, wall time measures the neighbours and
-idle OpenMP threads spin on the clock. On GPU they are wall times after a synchronize. Peak memory is the
-CUDA allocator's peak on GPU, or the rise of the process's peak RSS in a fresh subprocess on CPU.
+as ratios to the dense run. Times are the best of interleaved repeats (every case once per round, so a busy
+neighbour slows all of them alike; noise only adds). On CPU they are the process's CPU time with one
+intra-op thread (``--threads``): on a shared machine wall time measures the neighbours. On GPU they are wall
+times after a synchronize. Peak memory is the CUDA allocator's peak on GPU, or the rise of the process's
+peak RSS in a fresh subprocess on CPU (first step, gradients included).
 
-``--allocator caching`` reruns the timing with glibc told to keep freed memory instead of returning it to
-the kernel (what jemalloc/tcmalloc, recommended for CPU training by PyTorch's tuning guide, do, and what
-the CUDA caching allocator does on GPU): on CPU with the default allocator every step page-faults its
-fresh buffers in again, and the E experts' weight gradients make that cost grow with E.
+``--allocator`` (CPU): with glibc's default, every step page-faults its fresh buffers in again, and the E
+experts' weight gradients (E * 2*D*H floats, freed by ``zero_grad``) make that cost grow with E and with the
+machine's load. ``caching`` reruns with glibc told to keep freed memory (what jemalloc/tcmalloc, advised by
+PyTorch's CPU tuning guide, and the CUDA caching allocator do); ``thp`` with ``THP_MEM_ALLOC_ENABLE=1``
+(PyTorch's transparent-huge-page allocation: 512x fewer page faults). Both apply to every case alike.
 
-    python scripts/bench_moe.py [--experts 8 32 64] [--repeats 7] [--device cpu] [--threads 1]
-                                [--allocator glibc|caching]
+    python scripts/bench_moe.py [--experts 8 32 64] [--repeats 5] [--device cpu] [--threads 1] [--no-compile]
+                                [--no-memory] [--cases sorted static ...] [--allocator glibc|caching|thp]
 """
 from __future__ import annotations
 
@@ -37,8 +45,15 @@ from torch import nn
 from vmoe.moe import MoEMlp, Routing
 
 D, H, B, T, K, CF = 384, 1536, 32, 197, 2, 1.05
-CACHING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-                      "MALLOC_TOP_PAD_": "1073741824"}
+OURS = ("sorted", "static", "static+compile")
+PEERS = {"st-moe": "st_moe_pytorch", "lucidrains": "mixture_of_experts"}
+CASES = ("dense", *OURS, "onehot", *PEERS)
+ALLOCATOR_ENV = {
+    "glibc": {},
+    "caching": {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+                "MALLOC_TOP_PAD_": "1073741824"},
+    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+}
 
 
 class OneHotMoE(nn.Module):
@@ -59,7 +74,6 @@ class OneHotMoE(nn.Module):
         e = self.moe.num_experts
         kept = routing.slot_index >= 0
         slot = routing.slot_index.clamp_min(0)
-        # [G, S, K, E] x [G, S, K, C] -> [G, S, E, C]
         onehot_e = F.one_hot(routing.expert_index, e).to(x.dtype)
         onehot_c = F.one_hot(slot, capacity).to(x.dtype) * kept.unsqueeze(-1).to(x.dtype)
         dispatch = torch.einsum("gske,gskc->gsec", onehot_e, onehot_c)
@@ -72,16 +86,59 @@ class OneHotMoE(nn.Module):
         return y.reshape(b, t, d)
 
 
+class FirstOutput(nn.Module):
+    """Peers return (output, aux losses...); keep the output and add the aux loss as MoEMlp's graph does."""
+
+    def __init__(self, moe: nn.Module) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.moe(x)
+        return out[0] + 0 * out[1]
+
+
+def build_peer(kind: str, num_experts: int) -> nn.Module:
+    if kind == "st-moe":
+        from st_moe_pytorch import MoE
+
+        experts = nn.ModuleList([Mlp(D, H) for _ in range(num_experts)])
+        return FirstOutput(MoE(D, num_experts=num_experts, gating_top_n=K, threshold_train=0.0,
+                               capacity_factor_train=K * CF, experts=experts))
+    if kind == "lucidrains":
+        from mixture_of_experts import MoE
+
+        return FirstOutput(MoE(D, num_experts=num_experts, hidden_dim=H, activation=nn.GELU,
+                               second_policy_train="all", capacity_factor_train=K * CF))
+    raise ValueError(f"unknown peer {kind!r}; valid: {sorted(PEERS)}")
+
+
+def installed(kind: str) -> bool:
+    if kind not in PEERS:
+        return True
+    try:
+        __import__(PEERS[kind])
+    except ImportError:
+        return False
+    return True
+
+
 def build(kind: str, num_experts: int, device: str):
     torch.manual_seed(0)
+    x = torch.randn(B, T, D, device=device)
     if kind == "dense":
         return Mlp(D, H).to(device).train(), torch.randn(K * B, T, D, device=device)
-    moe = MoEMlp(D, H, num_experts=num_experts, k=K, capacity_factor=CF).to(device).train()
-    if kind == "moe":
-        return moe, torch.randn(B, T, D, device=device)
+    if kind in PEERS:
+        return build_peer(kind, num_experts).to(device).train(), x
+    dispatch = "sorted" if kind in ("sorted", "onehot") else "static"
+    moe = MoEMlp(D, H, num_experts=num_experts, k=K, capacity_factor=CF, dispatch=dispatch).to(device).train()
     if kind == "onehot":
-        return OneHotMoE(moe), torch.randn(B, T, D, device=device)
-    raise ValueError(f"unknown kind {kind!r}; valid: moe, dense, onehot")
+        return OneHotMoE(moe), x
+    if kind == "static+compile":
+        moe.compile(fullgraph=True)
+    if kind not in OURS:
+        raise ValueError(f"unknown kind {kind!r}; valid: {CASES}")
+    return moe, x
 
 
 def step(module: nn.Module, x: torch.Tensor) -> None:
@@ -92,12 +149,14 @@ def step(module: nn.Module, x: torch.Tensor) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(experts: list[int], repeats: int, device: str) -> dict[tuple[str, int], float]:
-    """Best fwd+bwd seconds per (kind, E) over the repeats; kinds are interleaved within each repeat."""
-    cases = {("dense", e): build("dense", e, device) for e in experts}
-    cases.update({(kind, e): build(kind, e, device) for e in experts for kind in ("moe", "onehot")})
-    for module, x in cases.values():  # warm-up
-        step(module, x)
+def time_all(kinds: list[str], experts: list[int], repeats: int, device: str) -> dict[tuple[str, int], float]:
+    """Best fwd+bwd seconds per (kind, E) over the repeats; cases are interleaved within each repeat."""
+    keys = [("dense", 0)] if "dense" in kinds else []
+    keys += [(kind, e) for e in experts for kind in kinds if kind != "dense"]
+    cases = {}
+    for key in keys:
+        cases[key] = build(key[0], key[1], device)
+        step(*cases[key])  # warm-up (and compilation)
     times: dict[tuple[str, int], list[float]] = {key: [] for key in cases}
     for _ in range(repeats):
         for key, (module, x) in cases.items():
@@ -111,7 +170,8 @@ def time_all(experts: list[int], repeats: int, device: str) -> dict[tuple[str, i
 def peak_memory(kind: str, num_experts: int, device: str) -> int:
     """Bytes a fwd+bwd step adds at its peak, measured in a fresh process."""
     # Large blocks straight from mmap, so freed memory leaves the RSS and its peak tracks live tensors.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV["caching"] and k != "THP_MEM_ALLOC_ENABLE"}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, __file__, "--_memory", kind, str(num_experts), "--device", device,
                           "--threads", str(torch.get_num_threads())],
                          check=True, capture_output=True, text=True, env=env)
@@ -126,57 +186,82 @@ def _status_kb(field: str) -> int:
 
 def _memory_child(kind: str, num_experts: int, device: str) -> None:
     module, x = build(kind, num_experts, device)
-    # The first step is measured: it allocates the gradients, as the first step of training does.
+    if kind == "static+compile":
+        step(module, x)  # compile first; the measured step is then a steady one (gradients re-allocated)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step(module, x)
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        # Reset the kernel's peak-RSS mark (VmHWM) so it measures this step alone.
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the kernel's peak-RSS mark (VmHWM)
             f.write("5")
         base = _status_kb("VmRSS")
         step(module, x)
-        high_water = _status_kb("VmHWM")
-        peak = high_water - base
+        peak = _status_kb("VmHWM") - base
     print(json.dumps({"peak": peak}))
+
+
+def _table(title: str, kinds: list[str], experts: list[int], value, ratio) -> None:
+    print(title)
+    print(f"{'E':>3} | " + " ".join(f"{k:>15}" for k in kinds))
+    for e in experts:
+        print(f"{e:>3} | " + " ".join(f"{value(k, e):>8.0f} ({ratio(k, e):4.2f})" for k in kinds))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
-    parser.add_argument("--allocator", choices=["glibc", "caching"], default="glibc",
-                        help="CPU only: caching keeps freed memory mapped (see above)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--no-compile", action="store_true", help="leave out static+compile")
+    parser.add_argument("--no-memory", action="store_true", help="leave out the peak-memory table")
+    parser.add_argument("--allocator", choices=sorted(ALLOCATOR_ENV), default="glibc",
+                        help="CPU memory allocation (see above); peak memory is measured with glibc's default")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.allocator == "caching" and os.environ.get("MALLOC_TOP_PAD_") is None:
-        # glibc reads these at start-up only, so the script runs itself again with them set.
-        env = {**os.environ, **CACHING_MALLOC_ENV}
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    env = ALLOCATOR_ENV[args.allocator]
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        # glibc and PyTorch read these at start-up only, so the script runs itself again with them set.
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **env})
     torch.set_num_threads(args.threads)
     if args._memory:
         _memory_child(args._memory[0], int(args._memory[1]), args.device)
         return
+    kinds = [k for k in args.cases if not (args.no_compile and k == "static+compile")]
+    for kind in [k for k in kinds if not installed(k)]:
+        print(f"{kind}: not installed (pip install {PEERS[kind].replace('_', '-')}); left out")
+        kinds.remove(kind)
+    load = os.getloadavg()
     print(f"MoE layer benchmark: D={D} H={H} B={B} T={T} K={K} capacity_factor={CF} device={args.device} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats} allocator={args.allocator}")
-    times = time_all(args.experts, args.repeats, args.device)
-    print(f"{'E':>3} | {'dense ms':>9} {'moe ms':>9} {'onehot ms':>10} | {'moe/dense':>9} {'onehot/dense':>12} "
-          f"{'onehot/moe':>10}")
-    for e in args.experts:
-        td, tm, to = times[("dense", e)], times[("moe", e)], times[("onehot", e)]
-        print(f"{e:>3} | {td * 1e3:>9.1f} {tm * 1e3:>9.1f} {to * 1e3:>10.1f} | {tm / td:>9.2f} {to / td:>12.2f} "
-              f"{to / tm:>10.2f}")
-    if args.allocator == "caching":
-        return  # peak memory is measured with the default allocator (freed memory must leave the RSS)
-    print("\npeak memory of one fwd+bwd step (MB; the MoE's includes its E experts' weight gradients)")
-    print(f"{'E':>3} | {'dense MB':>8} {'moe MB':>8} {'onehot MB':>9} | {'moe/dense':>9} {'onehot/dense':>12}")
-    for e in args.experts:
-        md, mm, mo = (peak_memory(kind, e, args.device) / 2**20 for kind in ("dense", "moe", "onehot"))
-        print(f"{e:>3} | {md:>8.0f} {mm:>8.0f} {mo:>9.0f} | {mm / md:>9.2f} {mo / md:>12.2f}")
+          f"threads={torch.get_num_threads()} repeats={args.repeats} allocator={args.allocator} torch={torch.__version__} "
+          f"load average at start={load[0]:.1f} ({os.cpu_count()} CPUs)")
+    times = time_all(kinds, args.experts, args.repeats, args.device)
+    dense = times.get(("dense", 0))
+    moe_kinds = [k for k in kinds if k != "dense"]
+    print(f"load average at end={os.getloadavg()[0]:.1f}")
+    if dense is not None:
+        print(f"dense Mlp on K*B*T tokens: {dense * 1e3:.0f} ms per fwd+bwd step")
+    _table("fwd+bwd ms per step (ratio to dense)", moe_kinds, args.experts,
+           lambda k, e: times[(k, e)] * 1e3, lambda k, e: times[(k, e)] / dense if dense else float("nan"))
+    peers = [k for k in moe_kinds if k in PEERS]
+    ours = [k for k in moe_kinds if k in OURS]
+    if peers and ours:
+        print("best of ours vs best peer (peer time / our time):")
+        for e in args.experts:
+            best_ours = min(ours, key=lambda k: times[(k, e)])
+            best_peer = min(peers, key=lambda k: times[(k, e)])
+            print(f"  E={e:>2}: {best_ours} {times[(best_ours, e)] / times[(best_peer, e)]:.2f}x the time of "
+                  f"{best_peer}: {times[(best_peer, e)] / times[(best_ours, e)]:.2f}x faster")
+    if args.no_memory or args.allocator != "glibc":
+        return
+    mem = {(k, e): peak_memory(k, e, args.device) / 2**20 for k in moe_kinds for e in args.experts}
+    dense_mem = peak_memory("dense", 0, args.device) / 2**20
+    print(f"\npeak memory of one fwd+bwd step, MB (ratio to dense {dense_mem:.0f} MB; includes the E experts' "
+          "weight gradients)")
+    _table("", moe_kinds, args.experts, lambda k, e: mem[(k, e)], lambda k, e: mem[(k, e)] / dense_mem)
 
 
 if __name__ == "__main__":

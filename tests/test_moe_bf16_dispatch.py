@@ -3,13 +3,18 @@ import torch
 
 from vmoe.models import create_vmoe
 from vmoe.moe import MoEMlp
-from vmoe.moe.bf16_dispatch import round_to_bfloat16
+from vmoe.moe.dispatch import DispatchPrecision
 
 
-def test_round_to_bfloat16_keeps_the_upper_16_bits_rounded_to_nearest_even():
+def round_to_bfloat16(x):
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def test_dispatch_precision_rounds_to_nearest_even_bfloat16_and_returns_float32():
     x = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -9, 3.0])  # halfway, halfway, below half
-    assert round_to_bfloat16(x).tolist() == [1.0, 1.0 + 2 ** -6, 1.0, 3.0]
-    assert round_to_bfloat16(x).dtype == torch.float32
+    policy = DispatchPrecision(round_to=torch.bfloat16)
+    for out in (policy.expert_input(x), policy.expert_output(x, torch.float32)):
+        assert out.tolist() == [1.0, 1.0 + 2 ** -6, 1.0, 3.0] and out.dtype == torch.float32
 
 
 def test_bfloat16_dispatch_rounds_expert_inputs_and_outputs_only():

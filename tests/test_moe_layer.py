@@ -17,13 +17,13 @@ def run_both(layer, x):
     for reference in (False, True):
         layer.zero_grad()
         xi = x.detach().clone().requires_grad_()
-        layer.use_reference = reference
+        layer.dispatch = "reference" if reference else "sorted"
         torch.manual_seed(1)  # same router noise in training mode
         y = layer(xi)
         (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
         grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
         results.append((y.detach(), xi.grad.clone(), grads))
-    layer.use_reference = False
+    layer.dispatch = "auto"
     return results
 
 

@@ -61,7 +61,7 @@ def test_routing_settings_restore_and_route_does_not_leak():
     layer = model.blocks[1].mlp
     with routing_settings(model, eval_capacity_factor=0.25, batch_priority=True):
         assert layer.eval_capacity_factor == 0.25 and layer.batch_priority
-    assert layer.router._eval_capacity_factor is None and layer.eval_capacity_factor == 1.0
+    assert layer.routing.eval_capacity_factor is None and layer.eval_capacity_factor == 1.0  # follows training again
     assert not layer.batch_priority
     model.train()
     route(model, torch.randn(2, 1, 16, 16), eval_capacity_factor=0.5)

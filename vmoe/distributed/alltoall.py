@@ -1,8 +1,9 @@
 """Expert-parallel dispatch: send each token to the rank that holds its expert, bring the output back.
 
 Routing stays local: every rank routes its own groups exactly as on one device and sorts its kept
-assignments by (global) expert, as ``vmoe.moe.dispatch.moe_combine`` does. ``ExpertParallel.experts_fn``
-then replaces the local expert call ``experts(x_sorted [A, D], counts [E])`` by:
+assignments by (global) expert, as ``vmoe.moe.dispatch.moe_combine`` does. :class:`ExpertParallelDispatch`,
+the layer's dispatch strategy once its experts are sharded, then replaces the local expert call
+``experts(x_sorted [A, D], counts [E])`` by (``ExpertParallel.dispatch``):
 
 1. counts [E] -> split sizes per destination rank (experts are placed contiguously: rank r of P holds
    ``[r*E/P, (r+1)*E/P)``, so the sorted rows for rank r are one contiguous block);
@@ -24,9 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..moe.dispatch import AutoDispatch, Dispatch, DispatchPrecision, moe_combine
+from ..moe.routing import Routing
 from .groups import ExpertParallelGroups
 
-__all__ = ["all_to_all", "ExpertParallel"]
+__all__ = ["all_to_all", "ExpertParallel", "ExpertParallelDispatch"]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -136,3 +139,29 @@ class ExpertParallel:
         y_local = local_experts(x_recv.index_select(0, perm), local_counts)  # [R, D_out], expert-major
         y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local)
         return all_to_all(y_recv, send_splits, recv_splits, self.group)
+
+
+class ExpertParallelDispatch(Dispatch):
+    """The dispatch strategy of a layer whose experts are sharded: sorted by global expert, rows sent to
+    the rank holding their expert by all-to-all, run there, sent back and combined.
+
+    expert_parallel: the layout; local: the strategy the layer had before sharding (restored by
+    ``unshard_experts``); its precision policy is kept.
+    """
+
+    name = "expert_parallel"
+
+    def __init__(self, expert_parallel: ExpertParallel, local: Dispatch | None = None) -> None:
+        super().__init__(None if local is None else local.precision)
+        self.expert_parallel, self.local = expert_parallel, local
+
+    def with_precision(self, precision: DispatchPrecision) -> "ExpertParallelDispatch":
+        local = (self.local or AutoDispatch()).with_precision(precision)
+        return ExpertParallelDispatch(self.expert_parallel, local)
+
+    def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
+        hook = self.expert_parallel
+        return moe_combine(x, routing, hook.experts_fn(experts), hook.num_experts, self.precision)
+
+    def __repr__(self) -> str:
+        return f"ExpertParallelDispatch(world_size={self.expert_parallel.world_size}, local={self.local!r})"

@@ -1,7 +1,8 @@
 """Shard the experts of every MoE layer over the expert-parallel ranks, and gather them back.
 
 A sharded layer keeps ``E / P`` experts (its slice of every stacked expert parameter, leading axis E) and
-carries an :class:`ExpertParallel` hook in ``layer.expert_parallel``; the router still scores all E.
+dispatches through an :class:`ExpertParallelDispatch` strategy (``layer.dispatch``; its layout is
+``layer.expert_parallel``); the router still scores all E.
 Checkpoints always hold the FULL expert set: state dicts are gathered before saving and sliced when
 loaded, so a checkpoint written with P ranks loads with any P' (1 included, with no strategy at all).
 """
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..moe.build import iter_moe_layers
-from .alltoall import ExpertParallel
+from .alltoall import ExpertParallel, ExpertParallelDispatch
 from .groups import ExpertParallelGroups
 
 __all__ = ["shard_experts", "unshard_experts", "sharded_layers", "expert_parameters", "expert_parameter_names",
@@ -72,7 +73,7 @@ def shard_experts(model: nn.Module, groups: ExpertParallelGroups, *, src: int | 
                 dist.broadcast(full, src=src)
             setattr(layer.experts, pname, nn.Parameter(full[lo:hi].clone(), requires_grad=param.requires_grad))
         layer.experts.num_experts = hook.num_local_experts
-        layer.expert_parallel = hook
+        layer.dispatch = ExpertParallelDispatch(hook, layer.dispatch)
         # Routers with a device-level balance loss (DeepSeekMoE) must see the real placement.
         if layer.router.uses_device_placement:
             if layer.router.num_devices not in (None, hook.world_size):
@@ -99,7 +100,7 @@ def unshard_experts(model: nn.Module) -> None:
             full = _gather(param.detach(), hook)
             setattr(layer.experts, pname, nn.Parameter(full, requires_grad=param.requires_grad))
         layer.experts.num_experts = hook.num_experts
-        layer.expert_parallel = None
+        layer.dispatch = layer.dispatch.local or "auto"
 
 
 def expert_parameters(model: nn.Module) -> Iterator[tuple[nn.Parameter, ExpertParallel]]:

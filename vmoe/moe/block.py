@@ -38,7 +38,6 @@ class MoEBlock(nn.Module):
         check_positive_int("group_size", group_size, optional=True, what=" (the whole local batch)")
         self.in_features, self.num_experts, self.group_size = in_features, num_experts, group_size
         self.router = None
-        self._expert_parallel = None
         self.aux_loss: Tensor = torch.zeros(())
         self.metrics: dict[str, Tensor] = {}
         self.last_routing: Routing | None = None
@@ -46,12 +45,8 @@ class MoEBlock(nn.Module):
     @property
     def expert_parallel(self):
         """The expert-parallel layout (:class:`vmoe.distributed.ExpertParallel`) when the experts are sharded
-        over ranks, else None; set by :func:`vmoe.distributed.shard_experts`."""
-        return self._expert_parallel
-
-    @expert_parallel.setter
-    def expert_parallel(self, hook) -> None:
-        self._expert_parallel = hook
+        over ranks (a block that supports it derives it from its dispatch strategy), else None."""
+        return None
 
     @property
     def experts_per_token(self) -> int | None:

@@ -1,11 +1,28 @@
-"""Send tokens to their experts and combine the results (docs/design.md, "Dispatch").
+"""Send tokens to their experts and combine the results, as strategy objects chosen once (docs/design.md,
+"Dispatch").
 
-The fast path sorts the kept assignments by expert, runs each expert on one contiguous block and
-scatter-adds the weighted outputs back: no [S, E, C] one-hot tensors. ``combine_reference`` is the plain
-per-expert loop kept beside it for readability and for the equivalence tests.
+A :class:`Dispatch` takes the block input x [N, D], a routing [G, S, K] (N = G*S), the experts and the
+capacity C, and returns the combined expert output [N, D_out]. The strategies:
+
+- ``"sorted"`` (:class:`SortedDispatch`): sort the kept assignments by expert, run each expert on its
+  contiguous block, scatter-add back. Computes only kept assignments, but the block sizes are read on the
+  host (one sync per layer) and the shapes depend on the data. Fastest eagerly on CPU.
+- ``"static"`` (:class:`vmoe.moe.static_dispatch.StaticCapacityDispatch`): buffers [E, G*C, D] filled by
+  index, one batched matmul, combined by index; static shapes, no host sync: for torch.compile,
+  torch.export, CUDA graphs and GPUs.
+- ``"reference"`` (:class:`ReferenceDispatch`): the plain per-expert loop, for reading and for tests.
+- ``"auto"`` (:class:`AutoDispatch`): static when compiling/exporting or off the CPU, sorted on CPU eager
+  (what ``scripts/bench_moe.py`` measured to be faster on each).
+- expert parallelism (:class:`vmoe.distributed.ExpertParallelDispatch`): sorted, with all-to-all.
+
+Every strategy takes a :class:`DispatchPrecision`: the experts compute in the autocast dtype under
+autocast (else in x's dtype) while the router stays float32; ``round_to=torch.bfloat16`` additionally
+rounds expert inputs and outputs to bf16 and combines in float32 (the JAX V-MoE "bfloat16 dispatch").
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -13,7 +30,72 @@ from torch import Tensor
 
 from .routing import Routing
 
-__all__ = ["SortedAssignments", "sort_assignments", "moe_combine", "combine_reference"]
+__all__ = ["SortedAssignments", "sort_assignments", "moe_combine", "combine_reference", "Dispatch",
+           "DispatchPrecision", "SortedDispatch", "ReferenceDispatch", "AutoDispatch", "DISPATCHES",
+           "build_dispatch", "compute_dtype"]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's when autocast is on for x's device, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+@dataclass(frozen=True)
+class DispatchPrecision:
+    """Which dtypes the values crossing the dispatch take.
+
+    round_to: None, or a dtype (bfloat16) that expert inputs are rounded to before the experts and expert
+    outputs after them; the combine weights and the weighted sum then stay in the block input's dtype
+    (float32 under autocast, V-MoE's ``dispatcher.bfloat16``).
+    """
+
+    round_to: torch.dtype | None = None
+
+    def expert_input(self, x: Tensor) -> Tensor:
+        """x in the experts' compute dtype, through ``round_to`` first when set."""
+        dtype = compute_dtype(x)
+        if self.round_to is not None:
+            x = x.to(self.round_to)
+        return x.to(dtype)
+
+    def expert_output(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """Expert outputs y in the dtype the combine uses: with ``round_to``, rounded and back in the block
+        input's ``dtype`` (float32 under autocast); else as the experts computed them."""
+        if self.round_to is not None:
+            return y.to(self.round_to).to(dtype)
+        return y
+
+
+class Dispatch:
+    """A dispatch/combine strategy. ``__call__(x [N, D], routing [G, S, K], experts, capacity) -> [N, D_out]``.
+
+    ``experts`` is a :class:`vmoe.moe.StackedExperts` (or a module with the same methods); capacity is the
+    router's C: every kept slot index is < C.
+    """
+
+    name = "base"
+
+    def __init__(self, precision: DispatchPrecision | None = None) -> None:
+        self.precision = precision or DispatchPrecision()
+
+    def resolve(self, x: Tensor) -> "Dispatch":
+        """The strategy that runs for x (itself, except for :class:`AutoDispatch`)."""
+        return self
+
+    def with_precision(self, precision: DispatchPrecision) -> "Dispatch":
+        """The same strategy with another precision policy."""
+        new = copy.copy(self)
+        new.precision = precision
+        return new
+
+    def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(precision={self.precision})"
 
 
 class SortedAssignments(NamedTuple):
@@ -39,7 +121,8 @@ def sort_assignments(routing: Routing, num_experts: int) -> SortedAssignments:
     # Dropped assignments get key E so the stable sort puts them after every expert's block.
     key = torch.where(kept, expert, torch.full_like(expert, num_experts))
     order = torch.sort(key, stable=True).indices
-    counts_all = torch.bincount(key, minlength=num_experts + 1)
+    counts_all = torch.zeros(num_experts + 1, dtype=torch.long, device=key.device)
+    counts_all.scatter_add_(0, key, torch.ones_like(key))
     counts = counts_all[:num_experts].tolist()  # the one host sync: block sizes for the expert loop
     order = order[: sum(counts)]
     return SortedAssignments(
@@ -53,24 +136,28 @@ def sort_assignments(routing: Routing, num_experts: int) -> SortedAssignments:
 ExpertFn = Callable[[Tensor, Sequence[int]], Tensor]
 
 
-def moe_combine(x: Tensor, routing: Routing, experts: ExpertFn, num_experts: int) -> Tensor:
-    """Fast path. x: [N, D] with N = prod(routing leading dims); returns [N, D_out].
+def moe_combine(x: Tensor, routing: Routing, experts: ExpertFn, num_experts: int,
+                precision: DispatchPrecision | None = None) -> Tensor:
+    """Sorted path. x: [N, D] with N = prod(routing leading dims); returns [N, D_out].
 
     ``experts(x_sorted [A, D], counts) -> [A, D_out]`` computes each expert on its block.
     """
+    precision = precision or DispatchPrecision()
     sa = sort_assignments(routing, num_experts)
-    y = experts(x.index_select(0, sa.token_index), sa.counts)
+    y = experts(precision.expert_input(x.index_select(0, sa.token_index)), sa.counts)
+    y = precision.expert_output(y, x.dtype)
     y = y * sa.weight.to(y.dtype).unsqueeze(-1)
     out = y.new_zeros(x.shape[0], y.shape[-1])
     return out.index_add_(0, sa.token_index, y)
 
 
 def combine_reference(x: Tensor, routing: Routing, expert_fn: Callable[[int, Tensor], Tensor],
-                      num_experts: int) -> Tensor:
+                      num_experts: int, precision: DispatchPrecision | None = None) -> Tensor:
     """Plain reference: for each expert, gather its kept tokens, run it, add the weighted result back.
 
     x: [N, D]; ``expert_fn(e, x_e [n, D]) -> [n, D_out]``.
     """
+    precision = precision or DispatchPrecision()
     k = routing.expert_index.shape[-1]
     expert = routing.expert_index.reshape(-1, k)
     kept = routing.slot_index.reshape(-1, k) >= 0
@@ -78,7 +165,66 @@ def combine_reference(x: Tensor, routing: Routing, expert_fn: Callable[[int, Ten
     out = None
     for e in range(num_experts):
         tokens, choice = torch.nonzero((expert == e) & kept, as_tuple=True)
-        y = expert_fn(e, x[tokens]) * weight[tokens, choice].unsqueeze(-1).to(x.dtype)
+        y = precision.expert_output(expert_fn(e, precision.expert_input(x[tokens])), x.dtype)
+        y = y * weight[tokens, choice].unsqueeze(-1).to(y.dtype)
         out = torch.zeros(x.shape[0], y.shape[-1], dtype=y.dtype, device=x.device) if out is None else out
         out = out.index_add(0, tokens, y.to(out.dtype))
     return out
+
+
+class SortedDispatch(Dispatch):
+    """Sort by expert, one contiguous block per expert (``StackedExperts.forward``), scatter-add back."""
+
+    name = "sorted"
+
+    def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
+        return moe_combine(x, routing, experts, experts.num_experts, self.precision)
+
+
+class ReferenceDispatch(Dispatch):
+    """The per-expert loop of :func:`combine_reference` (``StackedExperts.forward_expert``)."""
+
+    name = "reference"
+
+    def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
+        return combine_reference(x, routing, experts.forward_expert, experts.num_experts, self.precision)
+
+
+class AutoDispatch(Dispatch):
+    """Static-capacity under torch.compile/export and off the CPU; sorted on CPU eager."""
+
+    name = "auto"
+
+    def __init__(self, precision: DispatchPrecision | None = None) -> None:
+        super().__init__(precision)
+        from .static_dispatch import StaticCapacityDispatch
+        self.sorted, self.static = SortedDispatch(self.precision), StaticCapacityDispatch(self.precision)
+
+    def with_precision(self, precision: DispatchPrecision) -> "AutoDispatch":
+        return AutoDispatch(precision)
+
+    def resolve(self, x: Tensor) -> Dispatch:
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            return self.static
+        return self.sorted
+
+    def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
+        return self.resolve(x)(x, routing, experts, capacity)
+
+
+def _static(precision: DispatchPrecision | None) -> Dispatch:
+    from .static_dispatch import StaticCapacityDispatch
+    return StaticCapacityDispatch(precision)
+
+
+DISPATCHES: dict[str, Callable[[DispatchPrecision | None], Dispatch]] = {
+    "auto": AutoDispatch, "sorted": SortedDispatch, "static": _static, "reference": ReferenceDispatch}
+
+
+def build_dispatch(dispatch: str | Dispatch, precision: DispatchPrecision | None = None) -> Dispatch:
+    """A strategy by name (``auto``, ``sorted``, ``static``, ``reference``), or ``dispatch`` itself."""
+    if isinstance(dispatch, Dispatch):
+        return dispatch
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"unknown dispatch {dispatch!r}; valid: {sorted(DISPATCHES)} or a Dispatch object")
+    return DISPATCHES[dispatch](precision)

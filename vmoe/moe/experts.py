@@ -1,6 +1,7 @@
 """Stacked expert MLPs (docs/design.md, "Weight layout"): E copies of timm's Mlp (fc1, act, drop, fc2, drop) in one module."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -8,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dispatch import compute_dtype
 from .expert_loop import expert_mlp_blocks
 
-__all__ = ["StackedExperts"]
+__all__ = ["StackedExperts", "grouped_mm_helps"]
 
 
-def _use_grouped_mm(x: Tensor) -> bool:
-    # grouped_mm only has fast kernels for bf16 on CUDA (SM >= 80); elsewhere the loop is faster.
-    return (hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+def grouped_mm_helps(device: torch.device, dtype: torch.dtype) -> bool:
+    """grouped_mm only has fast kernels for bf16 on CUDA (SM >= 80); elsewhere the block loop is faster."""
+    return (hasattr(F, "grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 class StackedExperts(nn.Module):
@@ -60,16 +62,56 @@ class StackedExperts(nn.Module):
     def _mlp(self, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
         return self.drop(F.linear(self.drop(self.act(F.linear(x, w1, b1))), w2, b2))
 
+    def sorted_path(self, x: Tensor) -> str:
+        """Which kernel ``forward`` runs for x: "grouped" (grouped_mm), "blocks" (the in-place autograd
+        Function) or "loop" (plain autograd, needed for dropout in training). Decided on the dtype the
+        experts compute in, so bf16 autocast over float32 activations takes the grouped path on CUDA."""
+        if grouped_mm_helps(x.device, compute_dtype(x)):
+            return "grouped"
+        if not (self.training and self.drop.p > 0):  # dropout masks would need saving: autograd loop then
+            return "blocks"
+        return "loop"
+
     def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
-        """Run expert e on its contiguous block of rows.
+        """Run expert e on its contiguous block of rows (in the autocast dtype under autocast).
 
         x: [A, D] rows sorted by expert; counts: E ints, rows per expert (sum = A). Returns [A, D_out].
         """
-        if _use_grouped_mm(x):
+        path = self.sorted_path(x)
+        if path == "grouped":
             return self._forward_grouped(x, counts)
-        if not (self.training and self.drop.p > 0):  # dropout masks would need saving: autograd loop then
+        if path == "blocks":
             return self._forward_blocks(x, counts)
         return self._forward_loop(x, counts)
+
+    def forward_buffers(self, x: Tensor) -> Tensor:
+        """Expert e on its buffer x[e]: x [E, M, D] -> [E, M, D_out], one batched matmul per layer
+        (bias fused), in the autocast dtype under autocast (the static-capacity path).
+
+        Computed transposed, h^T = W1 x^T [E, H, M]: autograd's bmm backward then produces the weight
+        gradients directly in the parameters' [E, H, D] / [E, D, H] layout (the untransposed form makes
+        [E, D, H] gradients that AccumulateGrad copies into the parameter layout, E*H*D floats per layer).
+        """
+        dtype = compute_dtype(x)
+        w1, w2 = self.fc1_weight.to(dtype), self.fc2_weight.to(dtype)
+        # Cast once above instead of letting autocast cast again (entering the context only when it is on
+        # keeps exported graphs free of autocast wrappers).
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            xt = x.to(dtype).transpose(1, 2)  # [E, D, M]
+            if self.fc1_bias is not None:
+                ht = torch.baddbmm(self.fc1_bias.to(dtype).unsqueeze(-1), w1, xt)
+            else:
+                ht = torch.bmm(w1, xt)
+            at = self.act(ht)  # [E, H, M]
+            if self.drop.p > 0:
+                at = self.drop(at)
+            if self.fc2_bias is not None:
+                yt = torch.baddbmm(self.fc2_bias.to(dtype).unsqueeze(-1), w2, at)
+            else:
+                yt = torch.bmm(w2, at)
+        y = yt.transpose(1, 2)  # [E, M, D_out]
+        return self.drop(y) if self.drop.p > 0 else y
 
     def _forward_loop(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         # unbind, not weight[e]: indexing a stacked parameter inside autograd allocates a full-size
@@ -101,7 +143,8 @@ class StackedExperts(nn.Module):
 
     def _forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        dtype = x.dtype
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
         h = F.grouped_mm(x, self.fc1_weight.to(dtype).transpose(-2, -1), offs=offs)
         if self.fc1_bias is not None:
             h = h + torch.repeat_interleave(self.fc1_bias.to(dtype), offs.diff(prepend=offs.new_zeros(1)), 0,

@@ -1,6 +1,7 @@
 """The sparse MoE block: a drop-in for timm's Mlp (docs/design.md)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -9,8 +10,7 @@ from torch import Tensor, nn
 from .block import MoEBlock
 from .checks import check_positive_int
 from .config import RoutingSettings
-from .dispatch import combine_reference, moe_combine
-from .bf16_dispatch import bfloat16_rounded
+from .dispatch import Dispatch, DispatchPrecision, build_dispatch
 from .experts import StackedExperts
 from .routers import Router, build_router
 from .routing import Routing
@@ -39,7 +39,12 @@ class MoEMlp(MoEBlock):
     ``residual`` adds a dense MLP of hidden H to the MoE output (DeepSpeed residual MoE, ``residual``),
     ``residual_coefficient`` mixes the two with a learned per-token softmax (DeepSpeed's code).
     ``bfloat16_dispatch`` rounds each expert's input and output to bfloat16 (the V-MoE reference's
-    ``dispatcher.bfloat16``); the combine weights and the sum over choices stay in the input's dtype.
+    ``dispatcher.bfloat16``; ``DispatchPrecision(round_to=torch.bfloat16)`` of every dispatch strategy); the
+    combine weights and the sum over choices stay in the input's dtype.
+
+    ``dispatch``: how tokens reach the experts, a :mod:`vmoe.moe.dispatch` strategy or its name: "auto"
+    (static-capacity buffers under torch.compile/export and on GPU, sorted blocks on CPU eager), "sorted",
+    "static" or "reference" (the plain per-expert loop). ``moe.dispatch = "static"`` switches it later.
     """
 
     supports_expert_parallel = True
@@ -71,6 +76,7 @@ class MoEMlp(MoEBlock):
         residual: bool = False,
         residual_coefficient: bool = False,
         bfloat16_dispatch: bool = False,
+        dispatch: str | Dispatch = "auto",
     ) -> None:
         if norm_layer is not None or use_conv:
             raise ValueError("MoEMlp supports neither norm_layer nor use_conv (timm Mlp options); got "
@@ -101,9 +107,44 @@ class MoEMlp(MoEBlock):
         self.residual = ResidualMLP(in_features, hidden_features, out_features, act_layer, bias, drop,
                                     residual_coefficient) if residual else None
         self._router_takes_seq_len = self.router.uses_sequence_length
-        self.use_reference = False
-        # V-MoE's dispatcher.bfloat16: expert inputs and outputs rounded to bf16, combine in float32.
-        self.bfloat16_dispatch = bool(bfloat16_dispatch)
+        self.dispatch = dispatch
+        if bfloat16_dispatch:
+            self.bfloat16_dispatch = True
+
+    @property
+    def dispatch(self) -> Dispatch:
+        """The dispatch strategy; set it by name or as a :class:`vmoe.moe.dispatch.Dispatch`."""
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, value: str | Dispatch) -> None:
+        precision = getattr(getattr(self, "_dispatch", None), "precision", None)
+        self._dispatch = build_dispatch(value, precision or DispatchPrecision())
+
+    @property
+    def bfloat16_dispatch(self) -> bool:
+        """V-MoE's ``dispatcher.bfloat16``: the dispatch rounds expert inputs and outputs to bfloat16."""
+        return self._dispatch.precision.round_to == torch.bfloat16
+
+    @bfloat16_dispatch.setter
+    def bfloat16_dispatch(self, value: bool) -> None:
+        self._dispatch = self._dispatch.with_precision(DispatchPrecision(round_to=torch.bfloat16 if value else None))
+
+    @property
+    def use_reference(self) -> bool:
+        """Deprecated: ``moe.dispatch = "reference"`` (True) or ``"auto"`` (False)."""
+        return self._dispatch.name == "reference"
+
+    @use_reference.setter
+    def use_reference(self, value: bool) -> None:
+        warnings.warn("MoEMlp.use_reference is deprecated; set moe.dispatch = 'reference' (or 'auto')",
+                      DeprecationWarning, stacklevel=3)
+        self.dispatch = "reference" if value else "auto"
+
+    @property
+    def expert_parallel(self):
+        """The :class:`vmoe.distributed.ExpertParallel` layout when the dispatch is expert-parallel, else None."""
+        return getattr(self._dispatch, "expert_parallel", None)
 
     @property
     def experts_per_token(self) -> int:
@@ -133,45 +174,59 @@ class MoEMlp(MoEBlock):
             raise ValueError(f"MoEMlp expects width D={self.in_features}, got x of shape {tuple(x.shape)}")
         n = x.shape[0] * x.shape[1]
         size = self.group_size or n
+        if n == 0:
+            return x.reshape(0, size, x.shape[-1])
         if n % size:
             raise ValueError(f"group_size={size} does not divide B*T={x.shape[0]}*{x.shape[1]}={n}; "
                              f"choose a divisor of {n} or None (the whole batch)")
         return x.reshape(n // size, size, x.shape[-1])
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [B, T, D] -> [B, T, D_out]."""
-        b, t, _ = x.shape if x.dim() == 3 else (0, 0, 0)
+        """x: [B, T, D] -> [B, T, D_out]; B = 0 or T = 0 gives an empty [B, T, D_out] like timm's Mlp."""
         groups = self._groups(x)  # [G, S, D]
+        b, t, _ = x.shape
+        if groups.numel() == 0:
+            return self._empty(x)
         out = self.router(groups, seq_len=t) if self._router_takes_seq_len else self.router(groups)
         routing = out.routing
         flat = x.reshape(b * t, -1)
-        rounded = bfloat16_rounded if self.bfloat16_dispatch else _unchanged
-        if self.expert_parallel is not None:
-            y = moe_combine(flat, routing, rounded(self.expert_parallel.experts_fn(self.experts)), self.num_experts)
-        elif self.use_reference:
-            y = combine_reference(flat, routing, rounded(self.experts.forward_expert), self.num_experts)
-        else:
-            y = moe_combine(flat, routing, rounded(self.experts), self.num_experts)
+        y = self._dispatch(flat, routing, self.experts, self.router.capacity(groups.shape[1]))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if self.residual is not None:
             y = self.residual(flat, y)
-        self.aux_loss = out.aux_loss
-        self.metrics = {**routing_metrics(routing, self.num_experts), **out.metrics}
-        self.last_routing = routing.reshape(b, t)
+        if not torch.compiler.is_exporting():  # an exported program returns its output only
+            self.aux_loss = out.aux_loss
+            self.metrics = {**routing_metrics(routing, self.num_experts), **out.metrics}
+            self.last_routing = routing.reshape(b, t)
         return y.reshape(b, t, -1)
+
+    def _empty(self, x: Tensor) -> Tensor:
+        """No tokens: an empty output still connected to x and the expert weights, zero metrics."""
+        b, t, d = x.shape
+        flat = x.reshape(0, d)
+        y = self.experts.forward_expert(0, flat)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if self.residual is not None:
+            y = self.residual(flat, y)
+        k = self.k or 1
+        index = torch.zeros(b, t, k, dtype=torch.long, device=x.device)
+        self.last_routing = Routing(index, index - 1, torch.zeros(b, t, k, device=x.device))
+        self.aux_loss = y.new_zeros((), dtype=torch.float32)
+        zero = torch.zeros((), device=x.device)
+        self.metrics = {"tokens_per_expert": torch.zeros(self.num_experts, device=x.device),
+                        "dropped_fraction": zero, "dropped_tokens_fraction": zero, "load_cv": zero}
+        return y.reshape(b, t, y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}" + (", bfloat16_dispatch=True" if self.bfloat16_dispatch else "")
 
 
-def _unchanged(fn):
-    return fn
-
-
 @torch.no_grad()
 def routing_metrics(routing: Routing, num_experts: int) -> dict[str, Tensor]:
-    """Detached load statistics of a routing [..., S, K] (no host sync).
+    """Detached load statistics of a routing [..., S, K] (no host sync, no bincount: compile-clean and
+    deterministic on CUDA, counts are integer scatter-adds into [E]).
 
     tokens_per_expert [E]: kept assignments per expert, summed over groups.
     dropped_fraction: share of assignments that got no slot.
@@ -180,8 +235,9 @@ def routing_metrics(routing: Routing, num_experts: int) -> dict[str, Tensor]:
     """
     expert = routing.expert_index.reshape(-1)
     kept = routing.slot_index.reshape(-1) >= 0
-    requested = torch.bincount(expert, minlength=num_experts).float()
-    tokens = torch.bincount(expert, weights=kept.float(), minlength=num_experts)
+    zeros = torch.zeros(num_experts, dtype=torch.long, device=expert.device)
+    requested = zeros.scatter_add(0, expert, torch.ones_like(expert)).float()
+    tokens = zeros.scatter_add(0, expert, kept.long()).float()
     kept_tokens = routing.kept.reshape(-1, routing.kept.shape[-1]).any(-1)
     return {
         "tokens_per_expert": tokens,

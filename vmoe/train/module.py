@@ -74,6 +74,10 @@ class ImageClassifier(L.LightningModule):
     Optimiser: AdamW/Adam (``betas``) or SGD (``momentum``, Nesterov); no weight decay on biases, norms,
     position embeddings and tokens; per-step linear warmup then ``lr_decay`` down to ``min_lr_ratio * lr``.
     Logs {train,val,test}/{loss,acc1,acc5,aux_loss} and {stage}/moe/block{i}/{load_cv,dropped_fraction}.
+
+    ``compile=True`` compiles the network in ``configure_model`` (``nn.Module.compile``: parameter names and
+    checkpoints are unchanged; the MoE layers take the static-capacity dispatch); ``compile_kwargs`` go to
+    ``torch.compile`` (e.g. ``{mode: max-autotune}`` or ``{backend: aot_eager}``).
     """
 
     def __init__(
@@ -111,6 +115,8 @@ class ImageClassifier(L.LightningModule):
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         mixup_mode: Literal["batch", "pair", "elem"] = "batch",
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -126,6 +132,8 @@ class ImageClassifier(L.LightningModule):
             raise ValueError("eval_capacity_factor, batch_priority and upcycle_kwargs act on MoE layers, but "
                              f"moe_layers=None builds a dense model (got eval_capacity_factor={eval_capacity_factor}, "
                              f"batch_priority={batch_priority}, upcycle_kwargs={upcycle_kwargs})")
+        if compile_kwargs and not compile:
+            raise ValueError(f"compile_kwargs={compile_kwargs} needs compile=True")
         # The MoE settings are checked here, once, and travel down as this one object.
         moe = None if moe_layers is None else MoEConfig(**{name: self.hparams[name] for name in MoEConfig.field_names()})
         self.model = build_network(backbone, num_classes=num_classes, img_size=img_size, in_chans=in_chans, moe=moe,
@@ -143,6 +151,11 @@ class ImageClassifier(L.LightningModule):
         self.mixup = build_mixup(num_classes, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
                                  cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax, prob=mixup_prob,
                                  switch_prob=mixup_switch_prob, mode=mixup_mode)
+
+    def configure_model(self) -> None:
+        if self.hparams.get("compile") and not getattr(self, "_compiled", False):
+            self.model.compile(**(self.hparams.get("compile_kwargs") or {}))
+            self._compiled = True
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, in_chans, img_size, img_size] -> logits [B, num_classes]."""
