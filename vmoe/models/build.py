@@ -22,7 +22,7 @@ from .finetune import finetune_state_dict
 from .naming import record_moe_args
 from .upcycle import upcycle_state_dict
 
-__all__ = ["parse_moe_layers", "mlp_config", "convert_to_moe", "create_vmoe", "upcycle"]
+__all__ = ["parse_moe_layers", "mlp_config", "convert_to_moe", "create_vmoe", "build_network", "upcycle"]
 
 _CKPT_SUFFIXES = {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
 
@@ -181,6 +181,31 @@ def create_vmoe(
     elif upcycle_kwargs:
         raise ValueError("upcycle_kwargs needs pretrained=True or a dense checkpoint_path to upcycle from")
     return model
+
+
+# Arguments of build_network (and of the Lightning module) that model_kwargs, timm's, must not repeat.
+_OWN_KEYS = ("num_classes", "img_size", "in_chans", "pretrained", "checkpoint_path", "upcycle_kwargs",
+             *MoEConfig.field_names())
+
+
+def build_network(backbone: str, *, num_classes: int, img_size: int, in_chans: int, moe: MoEConfig | None,
+                  pretrained: bool = False, checkpoint_path: str | None = None,
+                  model_kwargs: dict[str, Any] | None = None,
+                  upcycle_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A timm ViT: V-MoE via ``vmoe.models.create_vmoe`` (which also upcycles a dense ``checkpoint_path``), or,
+    when ``moe`` is None, the dense backbone through ``timm.create_model`` with the same width/depth."""
+    model_kwargs = dict(model_kwargs or {})
+    clash = sorted(set(model_kwargs) & set(_OWN_KEYS))
+    if clash:
+        raise ValueError(f"model_kwargs must not set {clash}: they are ImageClassifier arguments of their own")
+    common = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **model_kwargs)
+    if moe is None:
+        model = timm.create_model(backbone, pretrained=pretrained, **common)
+        if checkpoint_path is not None:
+            load_weights(model, checkpoint_path)
+        return model
+    return create_vmoe(backbone, moe, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                       upcycle_kwargs=upcycle_kwargs, **common)
 
 
 def _is_checkpoint_path(source: Any) -> bool:

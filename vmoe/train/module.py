@@ -5,45 +5,20 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning as L
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..models import aux_loss, block_index, create_vmoe, load_weights
+from ..models import aux_loss, block_index
+from ..models.build import build_network
 from ..moe import MoEConfig, iter_moe_layers
 from ..moe.routers import after_optimizer_step
 from .mixup import build_mixup, mix_batch, soft_target_cross_entropy, warn_if_normalisation_differs
 from .schedule import warmup_decay_factor
 
 __all__ = ["ImageClassifier", "build_network"]
-
-# ImageClassifier arguments that model_kwargs (timm's) must not repeat: its own plus the MoE settings.
-_OWN_KEYS = ("num_classes", "img_size", "in_chans", "pretrained", "checkpoint_path", "upcycle_kwargs",
-             *MoEConfig.field_names())
-
-
-def build_network(backbone: str, *, num_classes: int, img_size: int, in_chans: int, moe: MoEConfig | None,
-                  pretrained: bool = False, checkpoint_path: str | None = None,
-                  model_kwargs: dict[str, Any] | None = None,
-                  upcycle_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """A timm ViT: V-MoE via ``vmoe.models.create_vmoe`` (which also upcycles a dense ``checkpoint_path``), or,
-    when ``moe`` is None, the dense backbone through ``timm.create_model`` with the same width/depth."""
-    model_kwargs = dict(model_kwargs or {})
-    clash = sorted(set(model_kwargs) & set(_OWN_KEYS))
-    if clash:
-        raise ValueError(f"model_kwargs must not set {clash}: they are ImageClassifier arguments of their own")
-    common = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **model_kwargs)
-    if moe is None:
-        model = timm.create_model(backbone, pretrained=pretrained, **common)
-        if checkpoint_path is not None:
-            load_weights(model, checkpoint_path)
-        return model
-    return create_vmoe(backbone, moe, pretrained=pretrained, checkpoint_path=checkpoint_path,
-                       upcycle_kwargs=upcycle_kwargs, **common)
-
 
 def _block_name(qualified: str) -> str:
     """"blocks.3.mlp" -> "block3" (the metric key of a MoE layer); other layouts keep their dotted path."""
