@@ -93,6 +93,30 @@ def test_no_import_cycle():
     assert not _cycles(graph), f"import cycles: {_cycles(graph)}"
 
 
+# Lower layers never import upper ones, not even inside a function.
+_NOT_FROM = {"vmoe.moe": ("vmoe.models", "vmoe.train", "vmoe.viz", "vmoe.distributed", "vmoe.eval"),
+             "vmoe.models": ("vmoe.train", "vmoe.viz", "vmoe.distributed", "vmoe.eval")}
+
+
+def _all_imports(name: str, path: Path) -> set[str]:
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            found.add(".".join(base + ([node.module] if node.module else [])))
+    return found
+
+
+def test_layers_import_downwards_only():
+    wrong = [(name, target) for name, path in _modules().items() for layer, upper in _NOT_FROM.items()
+             if name == layer or name.startswith(layer + ".")
+             for target in _all_imports(name, path) if target.startswith(upper)]
+    assert not wrong, f"imports from an upper layer (see docs/design.md, Layering): {wrong}"
+
+
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 

@@ -35,7 +35,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "sweep": "vmoe.viz.cli:sweep_main",
     "flops": "vmoe.models.flops:main",
     "convert": "vmoe.models.reference.cli:convert_main",
-    "export": "vmoe.models.export:main", "fewshot": "vmoe.eval.cli:fewshot_main",
+    "export": "vmoe.train.export:main", "fewshot": "vmoe.eval.cli:fewshot_main",
 }
 EXTRA_HELP: dict[str, str] = {
     "visualize": "Draw which patches each router kept, dropped, and sent to which expert.",
