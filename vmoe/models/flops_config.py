@@ -14,6 +14,7 @@ import yaml
 
 from ..moe import MoEConfig, iter_moe_layers
 from .build import build_network
+from .flops import flops_table, model_cost
 
 __all__ = ["load_training_config", "config_cost_table"]
 
@@ -58,7 +59,6 @@ def _data_shape(data: dict | None) -> dict[str, int]:
 
 def config_cost_table(paths: Sequence[str]) -> str:
     """The flops_table of the config's model (and of its dense counterpart), with a title line."""
-    from .flops import flops_table, model_cost
 
     cfg = load_training_config(paths)
     model: dict[str, Any] = cfg.get("model") or {}

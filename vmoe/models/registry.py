@@ -23,7 +23,7 @@ from torch import nn
 
 from ..moe import MoEConfig
 from .build import convert_to_moe
-from .upcycle import upcycle_state_dict
+from .hub import _upcycle_filter as hub_upcycle_filter
 
 __all__ = ["VMOE_MODELS", "UPCYCLE_FROM", "DEPRECATED_NAMES"]
 
@@ -72,9 +72,7 @@ def _vit_moe(moe: MoEConfig, **vit_kwargs) -> nn.Module:
 
 def _upcycle_filter(state_dict: dict, model: nn.Module, upcycle_kwargs: dict[str, Any]) -> dict:
     # V-MoE weights (e.g. a save_pretrained folder) load as they are; only dense weights are upcycled.
-    from .hub import _upcycle_filter as filter_fn
-
-    return filter_fn(state_dict, model, upcycle_kwargs)
+    return hub_upcycle_filter(state_dict, model, upcycle_kwargs)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
