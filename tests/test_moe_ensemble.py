@@ -112,3 +112,12 @@ def test_e3_loss_is_the_members_cross_entropy():
     members = module.model.forward_members(x)
     want = torch.nn.functional.cross_entropy(members.flatten(0, 1), y.repeat_interleave(2)) + module.aux_loss()
     assert torch.allclose(loss, want, atol=1e-6)
+
+
+def test_e3_eval_model_exports_and_equals_eager():
+    model = _tiny_e3().eval()
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,))
+    x2 = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x2), model(x2), atol=1e-5, rtol=1e-5)

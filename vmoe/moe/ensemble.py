@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .layer import MoEMlp
@@ -49,9 +50,10 @@ class EnsembleMoEMlp(MoEMlp):
         bm, t, d = x.shape
         rows = x.reshape(bm // m, m, t, d).transpose(1, 2).reshape(bm // m, t * m, d)  # (b, t, m) order
         y = super().forward(rows)
-        routing = self.last_routing  # [B, T*M, K] in routing-row order -> [B*M, T, K] like the sequences
-        self.last_routing = type(routing)(*(r.reshape(bm // m, t, m, -1).transpose(1, 2).reshape(bm, t, -1)
-                                            for r in routing))
+        if not torch.compiler.is_exporting():  # the parent records nothing while exporting
+            routing = self.last_routing  # [B, T*M, K] in routing-row order -> [B*M, T, K] like the sequences
+            self.last_routing = type(routing)(*(r.reshape(bm // m, t, m, -1).transpose(1, 2).reshape(bm, t, -1)
+                                                for r in routing))
         return y.reshape(bm // m, t, m, -1).transpose(1, 2).reshape(bm, t, -1)
 
     def extra_repr(self) -> str:

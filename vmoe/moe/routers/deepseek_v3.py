@@ -58,7 +58,9 @@ class DeepSeekV3Router(Router):
         if self.training:
             # Activation checkpointing may recount a forward; sign() of the relative load does not change.
             with torch.no_grad():
-                self.load_since_step += torch.bincount(expert_index.reshape(-1), minlength=self.num_experts)
+                # scatter-add, not bincount: compile-clean (no graph break) and deterministic on CUDA
+                flat = expert_index.reshape(-1)
+                self.load_since_step.scatter_add_(0, flat, torch.ones_like(flat))
         aux = scores.new_zeros(())
         metrics = {"expert_bias_absmax": self.expert_bias.abs().max().detach()}
         if self.sequence_balance_weight > 0:
