@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..argv import bracket_lists
 from ..io import atomic_write
 from .features import few_shot_features
 from .fewshot import DEFAULT_L2_GRID, fewshot_evaluate, format_fewshot_table
@@ -25,18 +26,6 @@ from .progress import progress
 __all__ = ["fewshot_main", "fewshot", "default_output"]
 
 _LIST_FLAGS = ("--shots", "--l2_grid")
-
-
-def _bracket(argv: list[str]) -> list[str]:
-    """Let list options be written 1,5,10 as well as [1,5,10]."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        for flag in _LIST_FLAGS:
-            if arg == flag and i + 1 < len(out) and not out[i + 1].lstrip().startswith("["):
-                out[i + 1] = f"[{out[i + 1]}]"
-            elif arg.startswith(flag + "=") and not arg[len(flag) + 1:].lstrip().startswith("["):
-                out[i] = f"{flag}=[{arg[len(flag) + 1:]}]"
-    return out
 
 
 def default_output(ckpt_path: str) -> str:
@@ -91,7 +80,7 @@ def fewshot(argv: list[str] | None = None) -> list[dict]:
     from vmoe.viz.cli import _flag_value, load_classifier, resolve_data_config
 
     p = _parser()
-    argv = _bracket(list(sys.argv[1:] if argv is None else argv))
+    argv = bracket_lists(sys.argv[1:] if argv is None else argv, _LIST_FLAGS)
     ckpt, config = _flag_value(argv, "--ckpt_path"), _flag_value(argv, "--config")
     source = None
     if ckpt is not None:

@@ -19,6 +19,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning import LightningDataModule
 
+from ..argv import bracket_lists
 from ..io import atomic_write
 from ..train.from_checkpoint import load_classifier, read_lightning_checkpoint
 from .collect import collect_routing_stats, moe_blocks
@@ -40,18 +41,6 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg[len(flag) + 1:]
     return value
-
-
-def _bracket_lists(argv: list[str]) -> list[str]:
-    """Let list options be written as 0.1,0.5,1 as well as [0.1,0.5,1]."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        for flag in _LIST_FLAGS:
-            if arg == flag and i + 1 < len(out) and not out[i + 1].lstrip().startswith("["):
-                out[i + 1] = f"[{out[i + 1]}]"
-            elif arg.startswith(flag + "=") and not arg[len(flag) + 1:].lstrip().startswith("["):
-                out[i] = f"{flag}=[{arg[len(flag) + 1:]}]"
-    return out
 
 
 def resolve_data_config(ckpt_path: str, config: str | None) -> tuple[dict | None, str | None]:
@@ -103,7 +92,7 @@ def _parser(prog: str, description: str) -> ArgumentParser:
 
 
 def _parse(p: ArgumentParser, argv: list[str]):
-    argv = _bracket_lists(list(argv))
+    argv = bracket_lists(argv, _LIST_FLAGS)
     ckpt, config = _flag_value(argv, "--ckpt_path"), _flag_value(argv, "--config")
     source = None
     if ckpt is not None:
