@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["bracket_lists"]
+__all__ = ["bracket_lists", "flag_value"]
 
 
 def bracket_lists(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
@@ -17,3 +17,14 @@ def bracket_lists(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
             elif arg.startswith(flag + "=") and not arg[len(flag) + 1:].lstrip().startswith("["):
                 out[i] = f"{flag}=[{arg[len(flag) + 1:]}]"
     return out
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value given to ``flag`` in argv ("--flag v" or "--flag=v"), the last one wins."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..argv import bracket_lists
+from ..argv import bracket_lists, flag_value
 from ..io import atomic_write
 from .features import few_shot_features
 from .fewshot import DEFAULT_L2_GRID, fewshot_evaluate, format_fewshot_table
@@ -77,11 +76,11 @@ def _check(p, args) -> None:
 
 def fewshot(argv: list[str] | None = None) -> list[dict]:
     """Run ``vmoe fewshot``; prints one ``N-shot  acc`` line per shot count, writes JSON, returns the rows."""
-    from vmoe.viz.cli import _flag_value, load_classifier, resolve_data_config
+    from vmoe.train.from_checkpoint import load_classifier, resolve_data_config
 
     p = _parser()
     argv = bracket_lists(sys.argv[1:] if argv is None else argv, _LIST_FLAGS)
-    ckpt, config = _flag_value(argv, "--ckpt_path"), _flag_value(argv, "--config")
+    ckpt, config = flag_value(argv, "--ckpt_path"), flag_value(argv, "--config")
     source = None
     if ckpt is not None:
         data, source = resolve_data_config(ckpt, config)

@@ -39,7 +39,7 @@ def datamodule_preprocessing(data: dict[str, Any]) -> tuple[dict[str, Any], list
 def export_checkpoint(ckpt_path: str, out: str, config: str | None = None) -> Path:
     """Write the network of ``ckpt_path`` (an ImageClassifier .ckpt) into ``out`` with ``save_pretrained``."""
     from vmoe.models.hub import save_pretrained
-    from vmoe.viz.cli import load_classifier, resolve_data_config
+    from .from_checkpoint import load_classifier, resolve_data_config
 
     network = load_classifier(ckpt_path, "cpu").model
     data, source = resolve_data_config(ckpt_path, config)

@@ -8,13 +8,16 @@ The network weights come from the checkpoint, so the arguments that only choose 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
 from torch import nn
 
 from ..models.checkpoint import read_checkpoint
 
-__all__ = ["STARTING_WEIGHTS", "read_lightning_checkpoint", "classifier_hparams", "load_classifier"]
+__all__ = ["STARTING_WEIGHTS", "read_lightning_checkpoint", "classifier_hparams", "load_classifier",
+           "resolve_data_config"]
 
 # Model arguments that only choose the starting weights, and their "none" values.
 STARTING_WEIGHTS: dict[str, Any] = {"checkpoint_path": None, "pretrained": False, "upcycle_kwargs": None}
@@ -62,3 +65,33 @@ def load_classifier(ckpt_path: str | os.PathLike, device: str = "auto") -> nn.Mo
     module = ImageClassifier(**classifier_hparams(checkpoint["hyper_parameters"]))
     module.load_state_dict(checkpoint["state_dict"])
     return module.to(device).eval()
+
+
+def resolve_data_config(ckpt_path: str, config: str | None) -> tuple[dict | None, str | None]:
+    """The ``data`` section ({class_path, init_args}) of the training YAML, and where it came from.
+
+    ``config`` given: that file (it must have a ``data`` section). Otherwise the config.yaml LightningCLI
+    saves in the run's log dir (``<log_dir>/checkpoints/x.ckpt`` -> ``<log_dir>/config.yaml``), if any.
+    """
+    candidates = [Path(config)] if config else [Path(ckpt_path).resolve().parent.parent / "config.yaml",
+                                                 Path(ckpt_path).resolve().parent / "config.yaml"]
+    for path in candidates:
+        if not path.is_file():
+            if config:
+                raise ValueError(f"--config {config}: no such file")
+            continue
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if data is None:
+            if config:
+                raise ValueError(f"--config {config} has no 'data' section (expected a training YAML with "
+                                 "data: {class_path: ..., init_args: ...})")
+            continue
+        if isinstance(data, str):
+            data = {"class_path": data}
+        if "class_path" not in data:
+            raise ValueError(f"{path}: the data section needs a class_path (e.g. "
+                             f"vmoe.train.data.FashionMNISTDataModule), got keys {sorted(data)}")
+        return data, str(path)
+    return None, None

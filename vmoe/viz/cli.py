@@ -11,17 +11,15 @@ import csv
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from jsonargparse import ArgumentParser
 from lightning import LightningDataModule
 
-from ..argv import bracket_lists
+from ..argv import bracket_lists, flag_value
 from ..io import atomic_write
-from ..train.from_checkpoint import load_classifier, read_lightning_checkpoint
+from ..train.from_checkpoint import load_classifier, read_lightning_checkpoint, resolve_data_config
 from .collect import collect_routing_stats, moe_blocks
 from .plots import plot_capacity_sweep
 from .report import class_names, routing_figures, save_figure
@@ -30,47 +28,6 @@ from .sweep import DEFAULT_CAPACITY_FACTORS, MODES, capacity_sweep, format_sweep
 __all__ = ["visualize_main", "sweep_main", "visualize", "sweep", "load_classifier", "resolve_data_config"]
 
 _LIST_FLAGS = ("--capacity_factors", "--modes")
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value given to ``flag`` in argv ("--flag v" or "--flag=v"), the last one wins."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg[len(flag) + 1:]
-    return value
-
-
-def resolve_data_config(ckpt_path: str, config: str | None) -> tuple[dict | None, str | None]:
-    """The ``data`` section ({class_path, init_args}) of the training YAML, and where it came from.
-
-    ``config`` given: that file (it must have a ``data`` section). Otherwise the config.yaml LightningCLI
-    saves in the run's log dir (``<log_dir>/checkpoints/x.ckpt`` -> ``<log_dir>/config.yaml``), if any.
-    """
-    candidates = [Path(config)] if config else [Path(ckpt_path).resolve().parent.parent / "config.yaml",
-                                                 Path(ckpt_path).resolve().parent / "config.yaml"]
-    for path in candidates:
-        if not path.is_file():
-            if config:
-                raise ValueError(f"--config {config}: no such file")
-            continue
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-        data = cfg.get("data") if isinstance(cfg, dict) else None
-        if data is None:
-            if config:
-                raise ValueError(f"--config {config} has no 'data' section (expected a training YAML with "
-                                 "data: {class_path: ..., init_args: ...})")
-            continue
-        if isinstance(data, str):
-            data = {"class_path": data}
-        if "class_path" not in data:
-            raise ValueError(f"{path}: the data section needs a class_path (e.g. "
-                             f"vmoe.train.data.FashionMNISTDataModule), got keys {sorted(data)}")
-        return data, str(path)
-    return None, None
 
 
 def _parser(prog: str, description: str) -> ArgumentParser:
@@ -93,7 +50,7 @@ def _parser(prog: str, description: str) -> ArgumentParser:
 
 def _parse(p: ArgumentParser, argv: list[str]):
     argv = bracket_lists(argv, _LIST_FLAGS)
-    ckpt, config = _flag_value(argv, "--ckpt_path"), _flag_value(argv, "--config")
+    ckpt, config = flag_value(argv, "--ckpt_path"), flag_value(argv, "--config")
     source = None
     if ckpt is not None:
         try:  # the checkpoint first: without it nothing else (e.g. the config.yaml beside it) can be found
