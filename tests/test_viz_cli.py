@@ -91,7 +91,7 @@ def test_callback_logs_to_csv_and_tensorboard(tmp_path):
         RoutingPictures(every_n_epochs=0)
 
 
-@pytest.mark.parametrize("command", ["visualize", "sweep"])
+@pytest.mark.parametrize("command", ["visualize", "sweep", "fewshot"])
 def test_a_missing_or_damaged_checkpoint_is_named(tmp_path, capsys, command):
     missing = tmp_path / "gone" / "last.ckpt"
     with pytest.raises(SystemExit) as exit_info:

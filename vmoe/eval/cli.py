@@ -76,16 +76,12 @@ def _check(p, args) -> None:
 
 def fewshot(argv: list[str] | None = None) -> list[dict]:
     """Run ``vmoe fewshot``; prints one ``N-shot  acc`` line per shot count, writes JSON, returns the rows."""
-    from vmoe.train.from_checkpoint import load_classifier, resolve_data_config
+    from vmoe.train.from_checkpoint import data_defaults_from_checkpoint, load_classifier
 
     p = _parser()
     argv = bracket_lists(sys.argv[1:] if argv is None else argv, _LIST_FLAGS)
     ckpt, config = flag_value(argv, "--ckpt_path"), flag_value(argv, "--config")
-    source = None
-    if ckpt is not None:
-        data, source = resolve_data_config(ckpt, config)
-        if data is not None:
-            p.set_defaults(data=data)
+    source = data_defaults_from_checkpoint(p, ckpt, config)
     args = p.parse_args(argv)
     _check(p, args)
     torch.manual_seed(args.seed)

@@ -17,7 +17,7 @@ from torch import nn
 from ..models.checkpoint import read_checkpoint
 
 __all__ = ["STARTING_WEIGHTS", "read_lightning_checkpoint", "classifier_hparams", "load_classifier",
-           "resolve_data_config"]
+           "resolve_data_config", "data_defaults_from_checkpoint"]
 
 # Model arguments that only choose the starting weights, and their "none" values.
 STARTING_WEIGHTS: dict[str, Any] = {"checkpoint_path": None, "pretrained": False, "upcycle_kwargs": None}
@@ -95,3 +95,20 @@ def resolve_data_config(ckpt_path: str, config: str | None) -> tuple[dict | None
                              f"vmoe.train.data.FashionMNISTDataModule), got keys {sorted(data)}")
         return data, str(path)
     return None, None
+
+
+def data_defaults_from_checkpoint(parser: Any, ckpt_path: str | None, config: str | None) -> str | None:
+    """For commands that evaluate a checkpoint on a datamodule (visualize, sweep, fewshot): check the
+    checkpoint first (a missing or damaged one is reported as such through ``parser.error``, before any
+    complaint about the data), then make the training run's ``data`` section the parser's default.
+    Returns where that section came from, or None."""
+    if ckpt_path is None:
+        return None
+    try:
+        read_lightning_checkpoint(ckpt_path)
+    except ValueError as err:
+        parser.error(str(err))
+    data, source = resolve_data_config(ckpt_path, config)
+    if data is not None:
+        parser.set_defaults(data=data)
+    return source

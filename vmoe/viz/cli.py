@@ -19,7 +19,8 @@ from lightning import LightningDataModule
 
 from ..argv import bracket_lists, flag_value
 from ..io import atomic_write
-from ..train.from_checkpoint import load_classifier, read_lightning_checkpoint, resolve_data_config
+from ..train.from_checkpoint import (data_defaults_from_checkpoint, load_classifier,  # noqa: F401 (re-exported)
+                                     resolve_data_config)
 from .collect import collect_routing_stats, moe_blocks
 from .plots import plot_capacity_sweep
 from .report import class_names, routing_figures, save_figure
@@ -51,15 +52,7 @@ def _parser(prog: str, description: str) -> ArgumentParser:
 def _parse(p: ArgumentParser, argv: list[str]):
     argv = bracket_lists(argv, _LIST_FLAGS)
     ckpt, config = flag_value(argv, "--ckpt_path"), flag_value(argv, "--config")
-    source = None
-    if ckpt is not None:
-        try:  # the checkpoint first: without it nothing else (e.g. the config.yaml beside it) can be found
-            read_lightning_checkpoint(ckpt)
-        except ValueError as err:
-            p.error(str(err))
-        data, source = resolve_data_config(ckpt, config)
-        if data is not None:
-            p.set_defaults(data=data)
+    source = data_defaults_from_checkpoint(p, ckpt, config)
     args = p.parse_args(argv)
     if args.data is None:
         p.error("no datamodule: pass --config TRAINING_YAML or --data CLASS (e.g. --data FashionMNISTDataModule); "
