@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .dispatch import compute_dtype
 from .expert_loop import expert_mlp_blocks
+from .grad_buffers import GradientBuffers
 
 __all__ = ["StackedExperts", "grouped_mm_helps"]
 
@@ -36,6 +37,7 @@ class StackedExperts(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
         drop: float = 0.0,
+        reuse_grad_memory: bool = True,
     ) -> None:
         super().__init__()
         out_features = out_features or in_features
@@ -47,6 +49,8 @@ class StackedExperts(nn.Module):
         self.fc2_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
+        # CPU only, and only when nothing else holds the previous gradient (see vmoe/moe/grad_buffers.py).
+        self.grad_buffers = GradientBuffers() if reuse_grad_memory else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -137,9 +141,9 @@ class StackedExperts(nn.Module):
             x = x.to(dtype)
             params = tuple(None if p is None else p.to(dtype) for p in params)
             with torch.autocast(device, enabled=False):
-                return expert_mlp_blocks(x, counts, self.act, params[0], params[1], params[2], params[3])
+                return expert_mlp_blocks(x, counts, self.act, *params, self.grad_buffers)
         params = tuple(None if p is None else p.to(x.dtype) for p in params)
-        return expert_mlp_blocks(x, counts, self.act, params[0], params[1], params[2], params[3])
+        return expert_mlp_blocks(x, counts, self.act, *params, self.grad_buffers)
 
     def _forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
