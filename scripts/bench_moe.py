@@ -19,11 +19,16 @@ intra-op thread (``--threads``): on a shared machine wall time measures the neig
 times after a synchronize. Peak memory is the CUDA allocator's peak on GPU, or the rise of the process's
 peak RSS in a fresh subprocess on CPU (first step, gradients included).
 
-``--allocator`` (CPU): with glibc's default, every step page-faults its fresh buffers in again, and the E
-experts' weight gradients (E * 2*D*H floats, freed by ``zero_grad``) make that cost grow with E and with the
-machine's load. ``caching`` reruns with glibc told to keep freed memory (what jemalloc/tcmalloc, advised by
-PyTorch's CPU tuning guide, and the CUDA caching allocator do); ``thp`` with ``THP_MEM_ALLOC_ENABLE=1``
-(PyTorch's transparent-huge-page allocation: 512x fewer page faults). Both apply to every case alike.
+On CPU the script also prints the minor page faults of a step. glibc hands blocks over 32 MB back to the
+kernel when they are freed, so a step that allocates such blocks afresh (activations of K*B*T tokens, the E
+experts' weight gradients that ``zero_grad(set_to_none=True)`` freed) maps them in page by page again, and
+that costs CPU time (2.7 us per 4 KiB page on the machine the README figures come from). vmoe's sorted path
+keeps its hidden activations per expert block and reuses its weight-gradient memory (vmoe/moe/grad_buffers.py).
+
+``--allocator`` (CPU): ``caching`` reruns with glibc told to keep freed memory (what jemalloc/tcmalloc, advised
+by PyTorch's CPU tuning guide, and the CUDA caching allocator do), which removes the page faults of every case;
+``thp`` with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's transparent-huge-page allocation: 512x fewer page faults).
+Both apply to every case alike.
 
     python scripts/bench_moe.py [--experts 8 32 64] [--repeats 5] [--device cpu] [--threads 1] [--no-compile]
                                 [--no-memory] [--cases sorted static ...] [--allocator glibc|caching|thp]
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -149,8 +155,10 @@ def step(module: nn.Module, x: torch.Tensor) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(kinds: list[str], experts: list[int], repeats: int, device: str) -> dict[tuple[str, int], float]:
-    """Best fwd+bwd seconds per (kind, E) over the repeats; cases are interleaved within each repeat."""
+def time_all(kinds: list[str], experts: list[int], repeats: int, device: str
+             ) -> tuple[dict[tuple[str, int], float], dict[tuple[str, int], int]]:
+    """Best fwd+bwd seconds per (kind, E) over the repeats (cases interleaved within each repeat), and the
+    fewest minor page faults a step of each took (CPU: fresh memory the kernel had to map in)."""
     keys = [("dense", 0)] if "dense" in kinds else []
     keys += [(kind, e) for e in experts for kind in kinds if kind != "dense"]
     cases = {}
@@ -158,13 +166,16 @@ def time_all(kinds: list[str], experts: list[int], repeats: int, device: str) ->
         cases[key] = build(key[0], key[1], device)
         step(*cases[key])  # warm-up (and compilation)
     times: dict[tuple[str, int], list[float]] = {key: [] for key in cases}
+    faults: dict[tuple[str, int], list[int]] = {key: [] for key in cases}
     for _ in range(repeats):
         for key, (module, x) in cases.items():
             clock = time.perf_counter if x.is_cuda else time.process_time
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = clock()
             step(module, x)
             times[key].append(clock() - start)
-    return {key: min(v) for key, v in times.items()}
+            faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {key: min(v) for key, v in times.items()}, {key: min(v) for key, v in faults.items()}
 
 
 def peak_memory(kind: str, num_experts: int, device: str) -> int:
@@ -238,7 +249,7 @@ def main() -> None:
     print(f"MoE layer benchmark: D={D} H={H} B={B} T={T} K={K} capacity_factor={CF} device={args.device} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} allocator={args.allocator} torch={torch.__version__} "
           f"load average at start={load[0]:.1f} ({os.cpu_count()} CPUs)")
-    times = time_all(kinds, args.experts, args.repeats, args.device)
+    times, faults = time_all(kinds, args.experts, args.repeats, args.device)
     dense = times.get(("dense", 0))
     moe_kinds = [k for k in kinds if k != "dense"]
     print(f"load average at end={os.getloadavg()[0]:.1f}")
@@ -246,6 +257,12 @@ def main() -> None:
         print(f"dense Mlp on K*B*T tokens: {dense * 1e3:.0f} ms per fwd+bwd step")
     _table("fwd+bwd ms per step (ratio to dense)", moe_kinds, args.experts,
            lambda k, e: times[(k, e)] * 1e3, lambda k, e: times[(k, e)] / dense if dense else float("nan"))
+    if args.device == "cpu":
+        print(f"minor page faults per step (fewest over the rounds; dense: {faults[('dense', 0)]})"
+              if dense is not None else "minor page faults per step (fewest over the rounds)")
+        print(f"{'E':>3} | " + " ".join(f"{k:>15}" for k in moe_kinds))
+        for e in args.experts:
+            print(f"{e:>3} | " + " ".join(f"{faults[(k, e)]:>15}" for k in moe_kinds))
     peers = [k for k in moe_kinds if k in PEERS]
     ours = [k for k in moe_kinds if k in OURS]
     if peers and ours:
