@@ -223,6 +223,27 @@ def test_console_exit_status_of_an_error(tmp_path):
     assert "vmoe fit: error: num_experts must be an integer >= 1" in proc.stderr
 
 
+def test_fit_with_two_processes_finishes_and_reports_once(tmp_path):
+    """The fit report asks Lightning for trainer.log_dir, a broadcast under DDP: every rank must join it, or
+    rank 0 waits on a rank that has exited and `vmoe fit` fails after training (gloo: connection closed)."""
+    import os
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    env.pop("VMOE_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "vmoe.train.cli", "fit", *TINY, "--trainer.devices", "2",
+                           "--trainer.strategy", "ddp_expert_parallel", "--data.init_args.batch_size", "32",
+                           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                           "--trainer.limit_val_batches", "1",
+                           "--trainer.default_root_dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    assert proc.stdout.count("logs and config.yaml: ") == 1, proc.stdout  # rank 0 prints, rank 1 does not
+    assert f"logs and config.yaml: {log_dir}" in proc.stdout
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+
+
 def _bad_file(tmp_path, how):
     if how == "missing":
         return tmp_path / "nope" / "last.ckpt", "no such checkpoint file"
