@@ -137,3 +137,13 @@ def test_config_table_of_a_soft_moe_config(tmp_path):
                    "  router: soft\n")
     table = config_cost_table([str(cfg)])
     assert "V-MoE E4 soft every-2" in table and " 0.235 " in table  # 4 slots for 17 tokens
+
+
+def test_config_table_names_expert_choice_by_its_scheme(tmp_path):
+    from vmoe.models.flops_config import config_cost_table
+    cfg = tmp_path / "ec.yaml"
+    cfg.write_text("model:\n  backbone: vit_tiny_patch16_224\n  model_kwargs: {patch_size: 4, embed_dim: 32, depth: 2,"
+                   " num_heads: 2}\n  img_size: 16\n  num_classes: 10\n  moe_layers: every-2\n  num_experts: 4\n"
+                   "  router: expert_choice\n  k: null\n")
+    table = config_cost_table([str(cfg)])
+    assert "V-MoE E4 expert_choice every-2" in table and " K4 " not in table

@@ -77,7 +77,8 @@ def config_cost_table(paths: Sequence[str]) -> str:
             moe, _ = MoEConfig.split(model)
             net = build_network(backbone, moe=moe, **common)
             k = next(layer for _, layer in iter_moe_layers(net)).experts_per_token
-            scheme = moe.router if k is None else f"K{k}"  # soft MoE has no per-token expert count
+            # Only token-choice routers have a K; soft and expert choice are named by their scheme.
+            scheme = f"K{k}" if k is not None and moe.router != "expert_choice" else moe.router
             costs.append(model_cost(net, f"V-MoE E{moe.num_experts} {scheme} {moe_layers}"))
     title = (f"{', '.join(paths)}: {backbone} {model.get('model_kwargs') or ''} at {shape['img_size']}px, "
              f"{shape['in_chans']} channel(s), {shape['num_classes']} classes")
