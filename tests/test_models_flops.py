@@ -106,3 +106,44 @@ def test_options_are_not_abbreviated(capsys):
     with pytest.raises(SystemExit):
         main(["--backbone", "vit_tiny_patch16_224", "--num_expert", "4"])
     assert "--num_expert" in capsys.readouterr().err
+
+
+def test_soft_moe_count_matches_flop_counter_and_main(capsys):
+    """Soft MoE, E=4, p=2, one image of T=17 tokens: the experts run 8 slots (8/17 passes per token) and
+    the mixing costs three T x D x E*p products (logits, dispatch; combine is T x E*p x D_out)."""
+    from vmoe.models.flops import choices_per_token
+    model = create_vmoe("vit_small_patch16_224", moe_layers="every-1", num_experts=4, router="soft",
+                        moe_kwargs={"router_kwargs": {"slots_per_expert": 2}}, **ARCH).eval()
+    assert choices_per_token(model.blocks[0].mlp, 17) == 8 / 17
+    cost = model_cost(model)
+    dense = model_cost(timm.create_model("vit_small_patch16_224", **ARCH))
+    mlp = 2 * (32 * 128 + 128 * 32)  # one expert pass of one token
+    assert cost.flops - dense.flops == 2 * ((8 - 17) * mlp + 3 * 2 * 17 * 32 * 8)
+    assert cost.active_params == cost.params and cost.experts_per_token == 8 / 17  # every expert reaches every token
+    with torch.no_grad():
+        assert counted_flops(model, torch.randn(1, 3, 16, 16)) == cost.flops
+    main(["--backbone", "vit_tiny_patch16_224", "--img_size", "32", "--num_experts", "4", "--router", "soft",
+          "--moe_layers", "last-1"])
+    # 4 patches + CLS = 5 tokens, 4 slots: 0.8 expert passes per token
+    out = capsys.readouterr().out
+    assert "V-MoE E4 soft last-1" in out and " 0.8 " in out
+
+
+def test_config_table_of_a_soft_moe_config(tmp_path):
+    from vmoe.models.flops_config import config_cost_table
+    cfg = tmp_path / "soft.yaml"
+    cfg.write_text("model:\n  backbone: vit_tiny_patch16_224\n  model_kwargs: {patch_size: 4, embed_dim: 32, depth: 2,"
+                   " num_heads: 2}\n  img_size: 16\n  num_classes: 10\n  moe_layers: every-2\n  num_experts: 4\n"
+                   "  router: soft\n")
+    table = config_cost_table([str(cfg)])
+    assert "V-MoE E4 soft every-2" in table and " 0.235 " in table  # 4 slots for 17 tokens
+
+
+def test_config_table_names_expert_choice_by_its_scheme(tmp_path):
+    from vmoe.models.flops_config import config_cost_table
+    cfg = tmp_path / "ec.yaml"
+    cfg.write_text("model:\n  backbone: vit_tiny_patch16_224\n  model_kwargs: {patch_size: 4, embed_dim: 32, depth: 2,"
+                   " num_heads: 2}\n  img_size: 16\n  num_classes: 10\n  moe_layers: every-2\n  num_experts: 4\n"
+                   "  router: expert_choice\n  k: null\n")
+    table = config_cost_table([str(cfg)])
+    assert "V-MoE E4 expert_choice every-2" in table and " K4 " not in table

@@ -104,3 +104,16 @@ def test_a_buffer_of_another_shape_is_not_handed_out():
     assert buffers.empty_like("w", torch.empty(4, 5)).data_ptr() == ptr
     assert buffers.empty_like("w", torch.empty(2, 5)).shape == (2, 5)
     assert buffers.empty_like("w", torch.empty(2, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_buffers_are_freed_for_evaluation_and_on_a_move():
+    experts = make(True)
+    backward(experts, 1)
+    assert len(experts.grad_buffers) == 2
+    experts.eval()
+    assert len(experts.grad_buffers) == 0
+    experts.train()
+    backward(experts, 1)
+    assert len(experts.grad_buffers) == 2
+    experts.double()
+    assert len(experts.grad_buffers) == 0

@@ -114,3 +114,64 @@ def test_options_are_not_abbreviated(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["visualize", "--ckpt_path", str(ckpt), "--out", str(tmp_path), "--num_image", "3"])
     assert "--num_image" in capsys.readouterr().err
+
+
+SOFT = dict(MODEL, router="soft")
+
+
+@pytest.fixture(scope="module")
+def soft_ckpt(tmp_path_factory):
+    """The ckpt fixture's run dir for a Soft MoE model (block 1)."""
+    run = tmp_path_factory.mktemp("soft_run")
+    torch.manual_seed(0)
+    module = ImageClassifier(**SOFT)
+    os.makedirs(run / "checkpoints")
+    path = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    with open(run / "config.yaml", "w") as f:
+        yaml.safe_dump({"model": SOFT, "data": DATA, "trainer": {"max_epochs": 1}}, f)
+    return path
+
+
+def test_visualize_soft_moe_draws_what_applies(soft_ckpt, tmp_path, capsys):
+    assert main(["visualize", "--ckpt_path", str(soft_ckpt), "--out", str(tmp_path), "--num_images", "3",
+                 "--max_batches", "2"]) in (0, None)
+    assert {p.stem for p in tmp_path.glob("*.png")} == {"expert_map_block1", "expert_load", "class_expert_block1"}
+    out = capsys.readouterr().out
+    assert ("no dropped-patch pictures: MoE block [1] (SoftMoEMlp) has no capacity: Soft MoE mixes tokens into "
+            "slots and drops nothing\n") in out
+    with pytest.raises(ValueError, match=r"^--capacity_factors: MoE block \[1\] \(SoftMoEMlp\) has no capacity: "
+                                         r"Soft MoE mixes tokens into slots and drops nothing; .*leave out"):
+        run(["visualize", "--ckpt_path", str(soft_ckpt), "--out", str(tmp_path / "cf"), "--capacity_factors", "0.5"])
+    assert not (tmp_path / "cf").exists()
+
+
+def test_sweep_refuses_soft_moe(soft_ckpt, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^no capacity to sweep: MoE block \[1\] \(SoftMoEMlp\) has no capacity"):
+        run(["sweep", "--ckpt_path", str(soft_ckpt), "--out", str(tmp_path / "s")])
+    assert main(["sweep", "--ckpt_path", str(soft_ckpt), "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vmoe sweep: error: no capacity to sweep") and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_callback_on_soft_moe_training(tmp_path, caplog):
+    torch.manual_seed(0)
+    dm = DigitsDataModule(img_size=16, batch_size=32)
+
+    def fit(callback, name):
+        trainer = lightning.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=2,
+                                    logger=CSVLogger(tmp_path, name=name), callbacks=[callback],
+                                    enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(ImageClassifier(**SOFT), datamodule=dm)
+
+    with caplog.at_level("INFO"):
+        fit(RoutingPictures(num_images=2), "soft")
+    assert "RoutingPictures: no dropped-patch pictures: MoE block [1] (SoftMoEMlp) has no capacity" in caplog.text
+    pngs = sorted(os.listdir(tmp_path / "soft" / "version_0" / "routing" / "epoch=0"))
+    assert pngs == ["class_expert_block1.png", "expert_load.png", "expert_map_block1.png"]
+    with pytest.raises(ValueError, match=r"RoutingPictures\(capacity_factors=\[0.5\]\): MoE block \[1\] "
+                                         r"\(SoftMoEMlp\) has no capacity"):
+        fit(RoutingPictures(num_images=2, capacity_factors=[0.5]), "soft_cf")

@@ -7,11 +7,13 @@ import torch
 from matplotlib.colors import to_rgba
 from timm.models.vision_transformer import VisionTransformer
 
-from vmoe.moe import MoEMlp
+from vmoe.moe import MoEMlp, SoftMoEMlp
 from vmoe.viz import (DROPPED, PARTIAL, capacity_sweep, collect_routing_stats, display_images, format_sweep_table,
                       loads_and_capacity, mcnemar_p_value, patch_layout, patch_status, plot_capacity_sweep,
                       plot_class_expert_share, plot_dropped_patches, plot_expert_load, plot_expert_map, route,
                       routing_figures, routing_settings, top1_expert_map)
+from vmoe.viz.collect import layer_capacity
+from vmoe.viz.report import dropped_patches_note
 from vmoe.viz.plots import DROP_COLOR, PARTIAL_HATCH
 
 
@@ -164,3 +166,75 @@ def test_dense_model_is_rejected():
     dense = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=2, num_heads=2)
     with pytest.raises(ValueError, match="no MoE layers"):
         route(dense, torch.randn(1, 1, 16, 16))
+
+
+def tiny_soft_vmoe(mixed=False):
+    """Soft MoE in block 1; with ``mixed`` also a top-k MoEMlp in block 0 (a hand-built mixed model)."""
+    model = tiny_vmoe()
+    torch.manual_seed(1)
+    if mixed:
+        model.blocks[0].mlp = model.blocks[1].mlp
+    model.blocks[1].mlp = SoftMoEMlp(32, 64, num_experts=4)
+    with torch.no_grad():  # spread-out slot logits, so that several experts dominate somewhere
+        model.blocks[1].mlp.phi.normal_(0, 3.0)
+    return model.eval()
+
+
+def test_soft_moe_pictures_have_no_capacity_and_no_drops():
+    model = tiny_soft_vmoe()
+    images, labels = torch.randn(2, 1, 16, 16), torch.tensor([0, 2])
+    stats = collect_routing_stats(model, [(images, labels), (torch.randn(3, 1, 16, 16), torch.tensor([1, 1, 0]))],
+                                  num_classes=3)
+    assert stats.capacity == {1: None} and stats.dropped[1].sum() == 0
+    assert stats.kept[1].shape == (1, 4) and stats.kept[1].sum() == 5 * 17  # one dominant expert per token
+    assert stats.class_counts[1].sum(1).tolist() == [2 * 16, 2 * 16, 16]
+    figs = routing_figures(model, images, labels, stats=stats)  # no capacity factor asked: none drawn
+    assert sorted(figs) == ["class_expert_block1", "expert_load", "expert_map_block1"]
+    _, routings = route(model, images)
+    emap = top1_expert_map(routings[1], (4, 4), 1)
+    assert len(np.unique(emap)) > 1
+    np.testing.assert_array_equal(np.asarray(figs["expert_map_block1"].axes[2].images[-1].get_array()), emap[0])
+    assert "dominant expert" in figs["expert_map_block1"]._suptitle.get_text()
+    load = figs["expert_load"]
+    assert not load.axes[0].lines and "nothing dropped" in load.axes[0].get_title()  # no capacity line
+    assert "Soft MoE: no capacity, nothing dropped" in load._suptitle.get_text()
+    np.testing.assert_array_equal([b.get_height() for b in load.axes[0].patches], stats.kept[1][0] / 2)
+    assert dropped_patches_note(model) == ("no dropped-patch pictures: MoE block [1] (SoftMoEMlp) has no capacity: "
+                                           "Soft MoE mixes tokens into slots and drops nothing")
+    with pytest.raises(ValueError, match=r"capacity factors \[0.5\] were given, but MoE block \[1\] \(SoftMoEMlp\) "
+                                         "has no capacity"):
+        routing_figures(model, images, labels, capacity_factors=[0.5])
+    with pytest.raises(ValueError, match=r"eval_capacity_factor=0.5.*MoE block \[1\] \(SoftMoEMlp\) has no capacity"):
+        route(model, images, eval_capacity_factor=0.5)
+    with pytest.raises(ValueError, match=r"no capacity to sweep: MoE block \[1\] \(SoftMoEMlp\)"):
+        capacity_sweep(model, [(images, labels)], capacity_factors=[0.5])
+    for fig in figs.values():
+        fig.savefig(io.BytesIO(), format="png")
+
+
+def test_mixed_soft_and_top_k_blocks_are_handled_per_block():
+    model = tiny_soft_vmoe(mixed=True)
+    topk = model.blocks[0].mlp
+    images, labels = torch.randn(3, 1, 16, 16), torch.tensor([0, 2, 1])
+    _, routings = route(model, images, eval_capacity_factor=0.3, batch_priority=True)  # acts on block 0 only
+    assert routings[0].kept.float().mean() < 1 and routings[1].kept.all() and routings[1].expert_index.shape[-1] == 1
+    assert topk.eval_capacity_factor == 1.0 and not topk.batch_priority  # put back
+    loads, capacity = loads_and_capacity(model, routings, eval_capacity_factor=0.3)
+    # 3 images x 17 tokens x K=2 = 102 choices over 4 experts at 0.3 -> ceil(7.65) = 8 slots (a multiple of 4)
+    assert capacity == {0: 8, 1: None} and loads[1][0].sum() == 51 and loads[1][1].sum() == 0
+    stats = collect_routing_stats(model, [(images, labels)], num_classes=3)
+    assert stats.capacity == {0: layer_capacity(topk, 3, 17), 1: None}
+    figs = routing_figures(model, images, labels, capacity_factors=[0.3], stats=stats)
+    assert sorted(figs) == ["class_expert_block0", "class_expert_block1", "dropped_patches_cf0.3", "expert_load",
+                            "expert_map_block0", "expert_map_block1"]
+    titles = [ax.get_title() for ax in figs["dropped_patches_cf0.3"].axes[:3]]
+    assert titles == ["input", "block 0\nvanilla", "block 0\nBPR"]  # the soft block has no dropped-patch panel
+    load_axes = figs["expert_load"].axes
+    assert len(load_axes[0].lines) == 1 and not load_axes[1].lines
+    assert "blocks [1]: Soft MoE" in figs["expert_load"]._suptitle.get_text()
+    assert dropped_patches_note(model).startswith("dropped-patch pictures show blocks [0] only: MoE block [1]")
+    # The sweep changes block 0 only and counts its drops only (the soft block drops nothing, at any factor).
+    data = [(images, labels)]
+    rows = capacity_sweep(model, data, capacity_factors=[0.3], modes=["vanilla"])
+    _, routed = route(model, images, eval_capacity_factor=0.3, batch_priority=False)
+    assert rows[0]["dropped_assignments"] == int((~routed[0].kept).sum()) / routed[0].kept.numel() > 0

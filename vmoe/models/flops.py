@@ -5,7 +5,7 @@ embedding, qkv/attention/projection, MLPs or K experts per token plus the router
 activations, softmax and biases are left out, as torch's FlopCounterMode does. Expert compute counts
 the experts each token really uses (:func:`choices_per_token`): K for top-k routers when nothing is dropped
 (the upper bound: dropped assignments cost nothing in the sort-based dispatch), about the capacity factor c
-for expert choice, E for a dense MoE. Models are built on the meta device, so even V-MoE-L costs no memory.
+for expert choice, E for a dense MoE, E * p / S slot passes for Soft MoE. Models are built on the meta device, so even V-MoE-L costs no memory.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from ..moe import MoEBlock, is_moe_layer
+from ..moe import MoEBlock, SoftMoEMlp, is_moe_layer
 from ..moe.routers import ExpertChoiceRouter
 from .build import create_vmoe
 
@@ -47,8 +47,11 @@ def choices_per_token(layer: MoEBlock, group_size: int) -> float:
     expert: K when capacity is ample (the upper bound: dropped assignments cost nothing), fewer when the
     slots cannot hold K per token (e.g. dense MoE at capacity factor < 1). Expert choice: exactly E * C / S,
     each expert taking C = min(S, ceil(S * c / E)) tokens (about c per token; its k is E only formally).
+    Soft MoE: E * p / S, each of the E experts running its p slots once per group of S tokens.
     The block's current mode picks the training or the eval capacity factor.
     """
+    if isinstance(layer, SoftMoEMlp):
+        return layer.num_experts * layer.slots_per_expert / group_size
     k = layer.experts_per_token
     if k is None:
         raise ValueError(f"FLOPs of {type(layer).__name__} are not modelled (a token uses no fixed number "
@@ -64,7 +67,9 @@ def choices_per_token(layer: MoEBlock, group_size: int) -> float:
 
 def _moe_cost(tokens: int, layer: MoEBlock) -> tuple[int, int]:
     """(forward FLOPs, parameters not active for a token) of one MoE layer, one image of ``tokens`` tokens
-    routed as its own group unless the layer sets ``group_size``."""
+    routed as its own group unless the layer sets ``group_size``. Soft MoE: every token reaches every
+    expert through the slots, so all its parameters are active; its mixing is 3 products per token of
+    width E * p (logits x Phi, the dispatch into slots, the combine out of them)."""
     experts = layer.experts
     num, hidden, dim = experts.fc1_weight.shape
     out = experts.fc2_weight.shape[1]
@@ -75,6 +80,9 @@ def _moe_cost(tokens: int, layer: MoEBlock) -> tuple[int, int]:
         flops += 2 * tokens * router_weight.numel()
     # dense parts every token runs: shared experts, a residual MLP and its coefficients, linear routers
     flops += sum(_linear_flops(tokens, m) for m in layer.modules() if isinstance(m, nn.Linear))
+    if isinstance(layer, SoftMoEMlp):
+        flops += 2 * tokens * num * layer.slots_per_expert * (2 * dim + out)
+        return flops, 0
     per_expert = sum(p.numel() for p in experts.parameters()) // num
     return flops, round((num - choices) * per_expert)
 
@@ -141,7 +149,7 @@ def report(
         backbone: timm ViT name.
         moe_layers: "every-n", "last-n" or a list of block indices.
         num_experts: experts per MoE layer (one count, or one per MoE layer).
-        k: experts chosen per token (top-k routers; None for expert_choice and dense, which choose otherwise).
+        k: experts chosen per token (top-k routers; None for expert_choice, dense and soft, which choose otherwise).
         img_size: input image side in pixels.
         num_classes: classifier outputs.
         router: routing scheme (vmoe, switch, expert_choice, dense, ...).
@@ -149,13 +157,13 @@ def report(
     """
     with torch.device("meta"):
         dense = timm.create_model(backbone, pretrained=False, img_size=img_size, num_classes=num_classes)
-        if router in ("expert_choice", "dense") and k == 2:
+        if router in ("expert_choice", "dense", "soft") and k == 2:
             k = None  # the default of --k; these schemes take no k
         moe = create_vmoe(backbone, moe_layers=moe_layers, num_experts=num_experts, k=k, img_size=img_size,
                           num_classes=num_classes, router=router, capacity_factor=capacity_factor)
     experts = num_experts if isinstance(num_experts, int) else "/".join(map(str, num_experts))
     placement = moe_layers if isinstance(moe_layers, str) else ",".join(map(str, moe_layers))
-    scheme = f"K{k}" if router not in ("expert_choice", "dense") else router
+    scheme = f"K{k}" if router not in ("expert_choice", "dense", "soft") else router
     costs = [model_cost(dense, f"{backbone}"),
              model_cost(moe, f"V-MoE E{experts} {scheme} {placement}")]
     table = (f"{backbone} at {img_size}px, {num_classes} classes, MoE blocks {placement}\n"

@@ -76,8 +76,10 @@ def config_cost_table(paths: Sequence[str]) -> str:
         if moe_layers is not None:
             moe, _ = MoEConfig.split(model)
             net = build_network(backbone, moe=moe, **common)
-            k = next(layer for _, layer in iter_moe_layers(net)).experts_per_token or "?"
-            costs.append(model_cost(net, f"V-MoE E{moe.num_experts} K{k} {moe_layers}"))
+            k = next(layer for _, layer in iter_moe_layers(net)).experts_per_token
+            # Only token-choice routers have a K; soft and expert choice are named by their scheme.
+            scheme = f"K{k}" if k is not None and moe.router != "expert_choice" else moe.router
+            costs.append(model_cost(net, f"V-MoE E{moe.num_experts} {scheme} {moe_layers}"))
     title = (f"{', '.join(paths)}: {backbone} {model.get('model_kwargs') or ''} at {shape['img_size']}px, "
              f"{shape['in_chans']} channel(s), {shape['num_classes']} classes")
     return title + "\n" + flops_table(costs)

@@ -166,6 +166,18 @@ class StackedExperts(nn.Module):
         b2 = self.fc2_bias[e] if self.fc2_bias is not None else None
         return self._mlp(x, self.fc1_weight[e], b1, self.fc2_weight[e], b2)
 
+    def train(self, mode: bool = True) -> "StackedExperts":
+        # Gradient memory is a training cache: evaluation and inference should not hold it.
+        if not mode and self.grad_buffers is not None:
+            self.grad_buffers.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device/dtype) makes the held buffers useless (shapes or devices no longer match): free them.
+        if self.grad_buffers is not None:
+            self.grad_buffers.clear()
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"hidden_features={self.hidden_features}, out_features={self.out_features}")

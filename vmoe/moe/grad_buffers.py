@@ -15,6 +15,7 @@ one graph behave exactly as without it.
 
 Cost: between a backward pass and the next, the buffers stay allocated even when the gradients are None (as
 the CUDA caching allocator keeps them reserved): the expert weights' size in memory once more, per MoE layer.
+``StackedExperts.eval()`` and moving the module (``.to``) free them.
 ``StackedExperts(reuse_grad_memory=False)``, or ``experts.grad_buffers = None`` on a built model, turns it off.
 """
 from __future__ import annotations

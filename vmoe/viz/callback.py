@@ -7,11 +7,12 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from matplotlib.figure import Figure
 from torch import nn
 
-from .collect import RoutingStats, moe_blocks
-from .report import class_names, routing_figures, save_figure
+from .collect import RoutingStats, capacity_blocks, moe_blocks, no_capacity_message
+from .report import class_names, dropped_patches_note, routing_figures, save_figure
 
 __all__ = ["RoutingPictures"]
 
@@ -31,6 +32,8 @@ class RoutingPictures(Callback):
     that epoch (this process's batches only under DDP).
     TensorBoard loggers get ``add_figure``; any other logger (CSVLogger, ...) gets PNG files in
     ``<log_dir>/routing/epoch=<e>/``; without a logger they go to ``<default_root_dir>/routing/``.
+    Soft MoE blocks (no capacity, nothing dropped) get no dropped-patch panels (one info line says so at
+    setup); ``capacity_factors`` on a model none of whose blocks has a capacity is a ValueError at setup.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8,
@@ -47,6 +50,19 @@ class RoutingPictures(Callback):
         self._images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
         self._stats: RoutingStats | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        network = _network(pl_module)
+        try:
+            capped = capacity_blocks(network)
+        except ValueError:  # a dense model: routing_figures names the problem when it runs
+            return
+        if self.capacity_factors is not None and not capped:
+            raise ValueError(f"RoutingPictures(capacity_factors={self.capacity_factors}): "
+                             f"{no_capacity_message(network)}; leave capacity_factors out")
+        note = dropped_patches_note(network)
+        if note is not None:
+            rank_zero_info(f"RoutingPictures: {note}")
 
     def _active(self, trainer: Trainer) -> bool:
         if trainer.sanity_checking:

@@ -11,7 +11,7 @@ import csv
 import json
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from jsonargparse import ArgumentParser
@@ -21,14 +21,15 @@ from ..argv import bracket_lists, flag_value
 from ..io import atomic_write
 from ..train.from_checkpoint import (data_defaults_from_checkpoint, load_classifier,  # noqa: F401 (re-exported)
                                      resolve_data_config)
-from .collect import collect_routing_stats, moe_blocks
+from .collect import capacity_blocks, collect_routing_stats, moe_blocks, no_capacity_message
 from .plots import plot_capacity_sweep
-from .report import class_names, routing_figures, save_figure
-from .sweep import DEFAULT_CAPACITY_FACTORS, MODES, capacity_sweep, format_sweep_table
+from .report import class_names, dropped_patches_note, routing_figures, save_figure
+from .sweep import DEFAULT_CAPACITY_FACTORS, MODES, capacity_sweep, check_sweepable, format_sweep_table
 
 __all__ = ["visualize_main", "sweep_main", "visualize", "sweep", "load_classifier", "resolve_data_config"]
 
 _LIST_FLAGS = ("--capacity_factors", "--modes")
+_VISUALIZE_FACTORS = [0.5, 1.0]  # the dropped-patch pictures when --capacity_factors is not given
 
 
 def _parser(prog: str, description: str) -> ArgumentParser:
@@ -62,12 +63,14 @@ def _parse(p: ArgumentParser, argv: list[str]):
     return args, source
 
 
-def _setup(p: ArgumentParser, args, stage: str):
+def _setup(p: ArgumentParser, args, stage: str, check: Callable[[torch.nn.Module], None] | None = None):
     torch.manual_seed(args.seed)
     dm = p.instantiate(args).data
     module = load_classifier(args.ckpt_path, args.device)
     network = module.model
     moe_blocks(network)  # a clear error now when the checkpoint is a dense model
+    if check is not None:  # before the data is read
+        check(network)
     size = tuple(int(s) for s in network.patch_embed.img_size)
     dm_size = getattr(dm, "img_size", None)
     if dm_size is not None and tuple([dm_size] * 2 if isinstance(dm_size, int) else dm_size) != size:
@@ -101,14 +104,21 @@ def visualize(argv: list[str] | None = None) -> dict[str, str]:
     p = _parser("vmoe visualize", "Pictures of a trained V-MoE's routing: dropped patches (vanilla vs BPR) "
                                   "per capacity factor, top-1 expert maps, tokens per expert, class x expert.")
     p.add_argument("--num_images", type=int, default=8, help="validation images shown (they form one batch)")
-    p.add_argument("--capacity_factors", type=list[float], default=[0.5, 1.0],
-                   help="eval capacity factors of the dropped-patch pictures, e.g. 0.25,0.5,1.0")
+    p.add_argument("--capacity_factors", type=Optional[list[float]], default=None,
+                   help="eval capacity factors of the dropped-patch pictures, e.g. 0.25,0.5,1.0 (default: "
+                        f"{','.join(map(str, _VISUALIZE_FACTORS))}; none for Soft MoE, which has no capacity)")
     args, source = _parse(p, sys.argv[1:] if argv is None else argv)
     if args.num_images < 1:
         p.error(f"--num_images must be >= 1, got {args.num_images}")
-    if not args.capacity_factors or any(not f > 0 for f in args.capacity_factors):
-        p.error(f"--capacity_factors must be a non-empty list of numbers > 0, got {args.capacity_factors}")
-    dm, network = _setup(p, args, "validate")
+    factors = args.capacity_factors
+    if factors is not None and (not factors or any(not f > 0 for f in factors)):
+        p.error(f"--capacity_factors must be a non-empty list of numbers > 0, got {factors}")
+    dm, network = _setup(p, args, "validate", None if factors is None else _check_factors_apply)
+    if factors is None and capacity_blocks(network):
+        factors = _VISUALIZE_FACTORS
+    note = dropped_patches_note(network)
+    if note is not None:
+        print(note)
     images, labels = _first_images(dm.val_dataloader(), args.num_images)
     from vmoe.eval.progress import track  # a progress bar on a terminal: the statistics pass reads the whole split
 
@@ -116,12 +126,18 @@ def visualize(argv: list[str] | None = None) -> dict[str, str]:
     total = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
     stats = collect_routing_stats(network, track(loader, "routing statistics", total), dm.num_classes, args.max_batches)
     figures = routing_figures(network, images, labels, mean=getattr(dm, "mean", None), std=getattr(dm, "std", None),
-                              capacity_factors=args.capacity_factors, stats=stats, class_names=class_names(dm))
+                              capacity_factors=factors, stats=stats, class_names=class_names(dm))
     written = {name: save_figure(fig, os.path.join(args.out, f"{name}.png")) for name, fig in figures.items()}
     print(f"data: {type(dm).__name__}" + (f" (from {source})" if source else ""))
     for path in written.values():
         print(f"wrote {path}")
     return written
+
+
+def _check_factors_apply(network: torch.nn.Module) -> None:
+    if not capacity_blocks(network):
+        raise ValueError(f"--capacity_factors: {no_capacity_message(network)}; there are no dropped patches to "
+                         "picture, leave out --capacity_factors")
 
 
 def sweep_main(argv: list[str] | None = None) -> None:
@@ -143,7 +159,7 @@ def sweep(argv: list[str] | None = None) -> list[dict]:
     args, source = _parse(p, sys.argv[1:] if argv is None else argv)
     if args.split not in ("test", "val"):
         p.error(f"--split must be 'test' or 'val', got {args.split!r}")
-    dm, network = _setup(p, args, "test" if args.split == "test" else "validate")
+    dm, network = _setup(p, args, "test" if args.split == "test" else "validate", check_sweepable)
     loader = dm.test_dataloader() if args.split == "test" else dm.val_dataloader()
     rows = capacity_sweep(network, loader, args.capacity_factors, args.modes, args.max_batches)
     title = (f"{type(dm).__name__} {args.split} split, {rows[0]['num_images']} images in batches of "

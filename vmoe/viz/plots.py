@@ -131,11 +131,13 @@ def plot_dropped_patches(images: np.ndarray, status: Mapping[str, Mapping[int, n
 
 
 def plot_expert_map(images: np.ndarray, expert_map: np.ndarray, num_experts: int, *, block: int,
-                    row_labels: Sequence[str] | None = None, annotate: bool | None = None) -> Figure:
+                    row_labels: Sequence[str] | None = None, annotate: bool | None = None,
+                    expert: str = "first-choice expert") -> Figure:
     """Inputs on top, each patch coloured by its top-1 expert below.
 
     images: [N, H, W, C] in [0, 1]; expert_map: [N, gh, gw] expert ids from ``top1_expert_map``.
     The expert id is also written in each patch when the grid is small enough to read (annotate=None).
+    expert: what the map shows, for the title (e.g. "dominant expert" for Soft MoE).
     """
     images = np.asarray(images)
     n = images.shape[0]
@@ -167,16 +169,18 @@ def plot_expert_map(images: np.ndarray, expert_map: np.ndarray, num_experts: int
     handles = [Patch(facecolor=colors[e], label=f"expert {e}") for e in range(num_experts)]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(num_experts, 8), fontsize=8,
                frameon=False)
-    fig.suptitle(f"Block {block}: each patch coloured by its first-choice expert", fontsize=11)
+    fig.suptitle(f"Block {block}: each patch coloured by its {expert}", fontsize=11)
     return fig
 
 
-def plot_expert_load(loads: Mapping[int, tuple[np.ndarray, np.ndarray]], capacity: Mapping[int, int], *,
+def plot_expert_load(loads: Mapping[int, tuple[np.ndarray, np.ndarray]], capacity: Mapping[int, float | None], *,
                      title: str = "") -> Figure:
     """Assignments per expert for each MoE block: kept (by choice rank) stacked under the dropped ones,
     with the capacity (slots per expert, summed over routing groups) as a dashed line.
 
-    loads: {block: (kept [K, E], dropped [K, E]) from ``expert_load``}; capacity: {block: total slots}.
+    loads: {block: (kept [K, E], dropped [K, E]) from ``expert_load``}; capacity: {block: total slots, or
+    None for a block without capacity (Soft MoE): its bars count each token at its dominant expert, with
+    neither a capacity line nor a dropped bar, since nothing is dropped}.
     """
     blocks = sorted(loads)
     if not blocks:
@@ -186,35 +190,52 @@ def plot_expert_load(loads: Mapping[int, tuple[np.ndarray, np.ndarray]], capacit
         raise ValueError(f"capacity is missing blocks {missing}")
     fig = _new_figure(0.8 + 3.2 * len(blocks), 3.4)
     axes = np.asarray(fig.subplots(1, len(blocks), squeeze=False, sharey=True))[0]
-    rank_colors = ["#0072B2", "#56B4E9", "#009E73", "#CC79A7"]
+    labelled: set[str] = set()
+
+    def label(text: str) -> str | None:  # each legend entry once, from whichever panel draws it first
+        if text in labelled:
+            return None
+        labelled.add(text)
+        return text
+
     for ax, block in zip(axes, blocks):
         kept, dropped = (np.asarray(a) for a in loads[block])
-        k, e = kept.shape
-        x = np.arange(e)
-        bottom = np.zeros(e)
-        for rank in range(k):
-            ax.bar(x, kept[rank], bottom=bottom, color=rank_colors[rank % len(rank_colors)],
-                   label=f"kept, choice {rank + 1}" if ax is axes[0] else None)
-            bottom += kept[rank]
-        ax.bar(x, dropped.sum(0), bottom=bottom, color="white", edgecolor=DROP_COLOR, hatch="xx", lw=0.8,
-               label="dropped (over capacity)" if ax is axes[0] else None)
-        ax.axhline(capacity[block], color="black", ls="--", lw=1.2,
-                   label="capacity (slots per expert)" if ax is axes[0] else None)
-        share = dropped.sum() / max(int(kept.sum() + dropped.sum()), 1)
-        ax.set_title(f"block {block}: {share:.0%} of assignments dropped", fontsize=9)
-        ax.set_xticks(x)
+        _draw_load(ax, kept, dropped, capacity[block], label)
+        ax.set_title(f"block {block}: " + ("no capacity, nothing dropped" if capacity[block] is None else
+                                           f"{dropped.sum() / max(kept.sum() + dropped.sum(), 1):.0%} of "
+                                           "assignments dropped"), fontsize=9)
+        ax.set_xticks(np.arange(kept.shape[1]))
         ax.set_xlabel("expert")
     axes[0].set_ylabel("token assignments")
-    fig.legend(loc="outside lower center", ncols=k + 2, fontsize=8, frameon=False)
+    fig.legend(loc="outside lower center", ncols=max(len(labelled), 1), fontsize=8, frameon=False)
     fig.suptitle(title or "Tokens per expert", fontsize=10)
     return fig
 
 
+def _draw_load(ax, kept: np.ndarray, dropped: np.ndarray, capacity: float | None, label) -> None:
+    """One block's bars: kept [K, E] by rank, dropped [K, E] summed on top, the capacity line (if any)."""
+    k, e = kept.shape
+    x = np.arange(e)
+    bottom = np.zeros(e)
+    rank_colors = ["#0072B2", "#56B4E9", "#009E73", "#CC79A7"]
+    for rank in range(k):
+        name = "tokens at their dominant expert" if capacity is None else f"kept, choice {rank + 1}"
+        ax.bar(x, kept[rank], bottom=bottom, color=rank_colors[rank % len(rank_colors)], label=label(name))
+        bottom += kept[rank]
+    if capacity is None:
+        return
+    ax.bar(x, dropped.sum(0), bottom=bottom, color="white", edgecolor=DROP_COLOR, hatch="xx", lw=0.8,
+           label=label("dropped (over capacity)"))
+    ax.axhline(capacity, color="black", ls="--", lw=1.2, label=label("capacity (slots per expert)"))
+
+
 def plot_class_expert_share(counts: np.ndarray, class_names: Sequence[str] | None = None, *, block: int,
-                            annotate: bool | None = None, num_images: int | None = None) -> Figure:
+                            annotate: bool | None = None, num_images: int | None = None,
+                            choices: str = "all K choices of every patch") -> Figure:
     """Heatmap of the share of each class's patch choices that go to each expert (rows sum to 100%).
 
-    counts: [num_classes, E] from ``class_expert_counts`` (summed over a dataset).
+    counts: [num_classes, E] from ``class_expert_counts`` (summed over a dataset); choices: what was
+    counted, for the title (e.g. "each patch's dominant expert" for Soft MoE).
     """
     counts = np.asarray(counts)
     if counts.ndim != 2:
@@ -239,7 +260,7 @@ def plot_class_expert_share(counts: np.ndarray, class_names: Sequence[str] | Non
     ax.set_xlabel("expert")
     ax.set_ylabel("class")
     fig.colorbar(image, ax=ax, label="% of the class's patch choices")
-    over = "" if num_images is None else f"\n(all K choices of every patch, {num_images} images)"
+    over = "" if num_images is None else f"\n({choices}, {num_images} images)"
     fig.suptitle(f"Block {block}: which experts each class's patches choose{over}", fontsize=11)
     return fig
 

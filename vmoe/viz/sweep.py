@@ -7,9 +7,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .collect import route
+from .collect import capacity_blocks, no_capacity_message, route
 
-__all__ = ["DEFAULT_CAPACITY_FACTORS", "MODES", "capacity_sweep", "format_sweep_table", "mcnemar_p_value"]
+__all__ = ["DEFAULT_CAPACITY_FACTORS", "MODES", "capacity_sweep", "check_sweepable", "format_sweep_table",
+           "mcnemar_p_value"]
 
 DEFAULT_CAPACITY_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 MODES = {"vanilla": False, "bpr": True}
@@ -53,16 +54,24 @@ def _count_drops(routings: dict) -> tuple[int, int, int, int]:
     return dropped_tokens, tokens, dropped_assignments, assignments
 
 
+def check_sweepable(model: nn.Module) -> None:
+    """ValueError when no MoE block of ``model`` has a capacity (Soft MoE): there is no factor to sweep."""
+    if not capacity_blocks(model):
+        raise ValueError(f"no capacity to sweep: {no_capacity_message(model)}, so the eval capacity factor and "
+                         "BPR change nothing; `vmoe test` gives its accuracy")
+
+
 def _evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], factor: float, mode: str,
               max_batches: int | None, advance: Callable[[int], None]) -> tuple[dict, Tensor]:
     """One (capacity factor, mode) pass: its row and the per-image hits [N] (bool, in loader order)."""
     hits, counts = [], [0, 0, 0, 0]
+    capped = capacity_blocks(model)
     for step, (images, labels) in enumerate(batches):
         if max_batches is not None and step >= max_batches:
             break
         logits, routings = route(model, images, eval_capacity_factor=factor, batch_priority=MODES[mode])
         hits.append(logits.argmax(-1).cpu() == labels.cpu())
-        counts = [a + b for a, b in zip(counts, _count_drops(routings))]
+        counts = [a + b for a, b in zip(counts, _count_drops({i: r for i, r in routings.items() if i in capped}))]
         advance(1)
     if not hits:
         raise ValueError("the sweep saw no images: the data loader is empty")
@@ -91,8 +100,9 @@ def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     the two modes image by image). Each batch is one forward, so its composition is the routing group that
     BPR prioritises within: use the same batch size as the evaluation you compare to.
     Returns one dict per (capacity_factor, mode): accuracy, dropped_tokens (share of routed tokens, prefix
-    included, that lost every choice, over all MoE layers) and dropped_assignments (share of the K
-    choices that got no slot), plus num_images. With both modes: only_correct (images this mode got right
+    included, that lost every choice, over all MoE layers with a capacity) and dropped_assignments (share of
+    the K choices that got no slot), plus num_images. Blocks without capacity (Soft MoE) route as they are
+    at every factor; ValueError when no block has a capacity (:func:`check_sweepable`). With both modes: only_correct (images this mode got right
     and the other wrong) and p_value (exact McNemar test of the two modes at this factor, the same on both
     rows), so a gap between vanilla and BPR can be told from noise; None with a single mode.
     show_progress: a progress bar on stderr (None = when stderr is a terminal).
@@ -100,6 +110,7 @@ def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     from ..eval.progress import progress
 
     factors = _check_factors(capacity_factors)
+    check_sweepable(model)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown routing modes {unknown}; valid: {sorted(MODES)}")
