@@ -129,21 +129,21 @@ def test_soft_moe_count_matches_flop_counter_and_main(capsys):
     assert "V-MoE E4 soft last-1" in out and " 0.8 " in out
 
 
-def test_config_table_of_a_soft_moe_config(tmp_path):
+def config_table(tmp_path, router_lines: str) -> str:
+    """vmoe flops --config's table for a tiny digits-sized config with the given router lines."""
     from vmoe.models.flops_config import config_cost_table
-    cfg = tmp_path / "soft.yaml"
+    cfg = tmp_path / "model.yaml"
     cfg.write_text("model:\n  backbone: vit_tiny_patch16_224\n  model_kwargs: {patch_size: 4, embed_dim: 32, depth: 2,"
                    " num_heads: 2}\n  img_size: 16\n  num_classes: 10\n  moe_layers: every-2\n  num_experts: 4\n"
-                   "  router: soft\n")
-    table = config_cost_table([str(cfg)])
+                   + router_lines)
+    return config_cost_table([str(cfg)])
+
+
+def test_config_table_of_a_soft_moe_config(tmp_path):
+    table = config_table(tmp_path, "  router: soft\n")
     assert "V-MoE E4 soft every-2" in table and " 0.235 " in table  # 4 slots for 17 tokens
 
 
 def test_config_table_names_expert_choice_by_its_scheme(tmp_path):
-    from vmoe.models.flops_config import config_cost_table
-    cfg = tmp_path / "ec.yaml"
-    cfg.write_text("model:\n  backbone: vit_tiny_patch16_224\n  model_kwargs: {patch_size: 4, embed_dim: 32, depth: 2,"
-                   " num_heads: 2}\n  img_size: 16\n  num_classes: 10\n  moe_layers: every-2\n  num_experts: 4\n"
-                   "  router: expert_choice\n  k: null\n")
-    table = config_cost_table([str(cfg)])
+    table = config_table(tmp_path, "  router: expert_choice\n  k: null\n")
     assert "V-MoE E4 expert_choice every-2" in table and " K4 " not in table

@@ -19,19 +19,22 @@ MODEL = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=16, in_ch
 DATA = {"class_path": "vmoe.train.data.DigitsDataModule", "init_args": {"img_size": 16, "batch_size": 32}}
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def write_run(run, model: dict):
     """A LightningCLI-style run dir: <run>/checkpoints/last.ckpt next to <run>/config.yaml."""
-    run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    module = ImageClassifier(**MODEL)
+    module = ImageClassifier(**model)
     os.makedirs(run / "checkpoints")
     path = run / "checkpoints" / "last.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": lightning.__version__}, path)
     with open(run / "config.yaml", "w") as f:
-        yaml.safe_dump({"model": MODEL, "data": DATA, "trainer": {"max_epochs": 1}}, f)
+        yaml.safe_dump({"model": model, "data": DATA, "trainer": {"max_epochs": 1}}, f)
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("run"), MODEL)
 
 
 def test_visualize_writes_every_picture(ckpt, tmp_path, capsys):
@@ -122,16 +125,7 @@ SOFT = dict(MODEL, router="soft")
 @pytest.fixture(scope="module")
 def soft_ckpt(tmp_path_factory):
     """The ckpt fixture's run dir for a Soft MoE model (block 1)."""
-    run = tmp_path_factory.mktemp("soft_run")
-    torch.manual_seed(0)
-    module = ImageClassifier(**SOFT)
-    os.makedirs(run / "checkpoints")
-    path = run / "checkpoints" / "last.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
-    with open(run / "config.yaml", "w") as f:
-        yaml.safe_dump({"model": SOFT, "data": DATA, "trainer": {"max_epochs": 1}}, f)
-    return path
+    return write_run(tmp_path_factory.mktemp("soft_run"), SOFT)
 
 
 def test_visualize_soft_moe_draws_what_applies(soft_ckpt, tmp_path, capsys):
