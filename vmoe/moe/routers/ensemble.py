@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..losses import importance_loss, load_loss
-from .base import RouterOutput, float32_logits, register_router
+from .base import RouterOutput, register_router
 from .vmoe import NoisyTopKRouter
 
 __all__ = ["EnsembleRouter", "member_gates"]
@@ -63,7 +63,10 @@ class EnsembleRouter(NoisyTopKRouter):
         e_m = self.num_experts // m
         weight = self.weight.view(m, e_m, d)
         rows = x.view(g, s // m, m, d)
-        logits = torch.stack([float32_logits(rows[:, :, i], weight[i]) for i in range(m)], dim=2)  # [G,S/M,M,E/M]
+        # One batched product over the members (each against its own E/M router rows), in float32 as
+        # float32_logits computes the other routers' logits.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = torch.einsum("gnmd,mjd->gnmj", rows.float(), weight.float())  # [G, S/M, M, E/M]
         sigma = self.noise_std / e_m
         noisy = self.training and sigma > 0
         noisy_logits = logits + torch.randn_like(logits) * sigma if noisy else logits
