@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,16 +63,18 @@ def _moe_layers(model: nn.Module, action: str) -> list[MoEBlock]:
 
 
 def set_routing(model: nn.Module, *, capacity_factor: float | None = None,
-                eval_capacity_factor: float | None = None, batch_priority: bool | None = None) -> int:
+                eval_capacity_factor: float | None = None, batch_priority: bool | None = None,
+                layers: Sequence[MoEBlock] | None = None) -> int:
     """Change routing settings on every MoE layer of a (trained) model without touching weights.
 
-    None leaves a setting as it is. The values are checked before any layer changes. Returns the number
-    of MoE layers changed; raises ValueError when the model has none (the call would otherwise do nothing).
+    None leaves a setting as it is. The values are checked before any layer changes. ``layers``: only these
+    MoE layers of the model (default: all of them). Returns the number of MoE layers changed; raises
+    ValueError when the model has none (the call would otherwise do nothing).
     """
     changes: dict[str, Any] = dict(capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                                    batch_priority=batch_priority)
     changes = {name: value for name, value in changes.items() if value is not None}
-    layers = _moe_layers(model, "set routing on")
+    layers = _moe_layers(model, "set routing on") if layers is None else list(layers)
     new = [layer.routing.replace(**changes) for layer in layers]  # validates before anything changes
     for layer, settings in zip(layers, new):
         layer.routing = settings
@@ -81,15 +83,15 @@ def set_routing(model: nn.Module, *, capacity_factor: float | None = None,
 
 @contextlib.contextmanager
 def routing_settings(model: nn.Module, *, capacity_factor: float | None = None,
-                     eval_capacity_factor: float | None = None, batch_priority: bool | None = None
-                     ) -> Iterator[None]:
+                     eval_capacity_factor: float | None = None, batch_priority: bool | None = None,
+                     layers: Sequence[MoEBlock] | None = None) -> Iterator[None]:
     """:func:`set_routing` inside the ``with``; every layer's exact settings are put back on exit (an eval
     factor that followed the training one follows it again), also after an exception."""
-    layers = _moe_layers(model, "set routing on")
+    layers = _moe_layers(model, "set routing on") if layers is None else list(layers)
     saved = [layer.routing for layer in layers]
     try:
         set_routing(model, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                    batch_priority=batch_priority)
+                    batch_priority=batch_priority, layers=layers)
         yield
     finally:
         for layer, settings in zip(layers, saved):

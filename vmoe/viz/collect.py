@@ -60,21 +60,16 @@ def capacity_settings(model: nn.Module, *, eval_capacity_factor: float | None = 
     """:func:`routing_settings` on the blocks that have a capacity; blocks without one (Soft MoE) route as
     they are. None leaves a setting as it is. ValueError when a factor or BPR is asked of a model none of whose
     blocks has a capacity (there is nothing to apply it to)."""
-    changes = {name: value for name, value in (("eval_capacity_factor", eval_capacity_factor),
-                                               ("batch_priority", batch_priority)) if value is not None}
-    layers = list(capacity_blocks(model).values()) if changes else []
-    if not layers and (eval_capacity_factor is not None or batch_priority):
-        raise ValueError(f"cannot route at eval_capacity_factor={eval_capacity_factor}, batch_priority="
-                         f"{batch_priority}: {no_capacity_message(model)}")
-    saved = [layer.routing for layer in layers]
-    new = [settings.replace(**changes) for settings in saved]  # validates before anything changes
-    try:
-        for layer, settings in zip(layers, new):
-            layer.routing = settings
+    layers = list(capacity_blocks(model).values())
+    if not layers:
+        if eval_capacity_factor is not None or batch_priority:
+            raise ValueError(f"cannot route at eval_capacity_factor={eval_capacity_factor}, batch_priority="
+                             f"{batch_priority}: {no_capacity_message(model)}")
         yield
-    finally:
-        for layer, settings in zip(layers, saved):
-            layer.routing = settings
+        return
+    with routing_settings(model, eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority,
+                          layers=layers):
+        yield
 
 
 def patch_layout(model: nn.Module) -> tuple[tuple[int, int], int]:
