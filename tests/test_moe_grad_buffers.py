@@ -87,6 +87,8 @@ def test_copies_of_the_module_carry_no_buffers():
 
 
 def test_switched_off_and_off_the_cpu():
+    with pytest.raises(ValueError, match="reuse_grad_memory must be True or False, got 'no'"):
+        StackedExperts(2, 8, 12, reuse_grad_memory="no")
     experts = make(False)
     backward(experts, 1)
     assert experts.grad_buffers is None

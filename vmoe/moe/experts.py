@@ -49,6 +49,8 @@ class StackedExperts(nn.Module):
         self.fc2_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
+        if not isinstance(reuse_grad_memory, bool):
+            raise ValueError(f"reuse_grad_memory must be True or False, got {reuse_grad_memory!r}")
         # CPU only, and only when nothing else holds the previous gradient (see vmoe/moe/grad_buffers.py).
         self.grad_buffers = GradientBuffers() if reuse_grad_memory else None
         self.reset_parameters()
