@@ -75,8 +75,8 @@ class OneHotMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         groups = x.reshape(1, b * t, d)
-        routing: Routing = self.moe.router(groups).routing
-        capacity = self.moe.router.capacity(b * t)
+        capacity = self.moe.capacity(b * t)
+        routing: Routing = self.moe.router(groups, self.moe.settings, capacity).routing
         e = self.moe.num_experts
         kept = routing.slot_index >= 0
         slot = routing.slot_index.clamp_min(0)

@@ -23,9 +23,9 @@ def test_bfloat16_dispatch_rounds_expert_inputs_and_outputs_only():
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         exact = layer(x)
-        layer.bfloat16_dispatch = True
+        layer.settings = layer.settings.replace(bfloat16_dispatch=True)
         fast = layer(x)
-        layer.use_reference = True
+        layer.dispatch = "reference"
         loop = layer(x)
         routing = layer.last_routing
         want = torch.zeros_like(x)
@@ -41,10 +41,11 @@ def test_bfloat16_dispatch_rounds_expert_inputs_and_outputs_only():
 
 
 def test_bfloat16_dispatch_is_off_by_default_and_reachable_from_create_vmoe():
-    assert MoEMlp(8, 16, num_experts=4).bfloat16_dispatch is False
+    assert MoEMlp(8, 16, num_experts=4).settings.bfloat16_dispatch is False
     model = create_vmoe("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
-                        num_classes=3, moe_layers=[1], num_experts=4, moe_kwargs={"bfloat16_dispatch": True})
-    assert model.blocks[1].mlp.bfloat16_dispatch is True
+                        num_classes=3, moe_layers=[1], num_experts=4, bfloat16_dispatch=True)
+    assert model.blocks[1].mlp.settings.bfloat16_dispatch is True
+    assert model.blocks[1].mlp.dispatch.precision.round_to == torch.bfloat16
     loss = model(torch.randn(2, 3, 8, 8)).sum()
     loss.backward()  # gradients flow through the rounding
     assert model.blocks[1].mlp.experts.fc1_weight.grad.abs().sum() > 0

@@ -77,17 +77,16 @@ def test_every_strategy_equals_reference(group_size, kwargs):
             torch.testing.assert_close(g[key], ref[2][key], atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
 
 
-def test_dispatch_is_chosen_once_and_use_reference_still_works():
+def test_dispatch_is_chosen_once():
     layer = MoEMlp(16, 32, num_experts=4)
     assert isinstance(layer.dispatch, AutoDispatch)
     cpu, meta = torch.empty(0), torch.empty(0, device="meta")
     assert isinstance(layer.dispatch.resolve(cpu), SortedDispatch)  # CPU eager: sorted (bench_moe.py)
     assert isinstance(layer.dispatch.resolve(meta), StaticCapacityDispatch)  # any accelerator: static
-    with pytest.warns(DeprecationWarning, match="dispatch = 'reference'"):
-        layer.use_reference = True
-    assert layer.dispatch.name == "reference" and layer.use_reference
+    layer.dispatch = "reference"
+    assert layer.dispatch.name == "reference" and not hasattr(layer, "use_reference")
     layer.dispatch = "static"
-    assert isinstance(layer.dispatch, StaticCapacityDispatch) and not layer.use_reference
+    assert isinstance(layer.dispatch, StaticCapacityDispatch)
     assert MoEMlp(16, 32, dispatch="sorted").dispatch.name == "sorted"
     with pytest.raises(ValueError, match=r"unknown dispatch 'fast'; valid: \['auto', 'reference', 'sorted', 'static'\]"):
         MoEMlp(16, 32, dispatch="fast")
@@ -214,12 +213,12 @@ def test_static_dispatch_fits_every_router(router):
 @pytest.mark.parametrize("dispatch", ["sorted", "static", "reference"])
 def test_bfloat16_dispatch_keyword_is_the_round_to_policy_of_every_strategy(dispatch):
     layer = MoEMlp(16, 32, num_experts=4, k=2, bfloat16_dispatch=True, dispatch=dispatch).eval()
-    assert layer.bfloat16_dispatch and layer.dispatch.name == dispatch
+    assert layer.settings.bfloat16_dispatch and layer.dispatch.name == dispatch
     assert layer.dispatch.precision.round_to == torch.bfloat16
     x = torch.randn(2, 6, 16)
     y = layer(x)
     layer.dispatch = "reference"  # by name: the policy is kept
     torch.testing.assert_close(y, layer(x), atol=1e-6, rtol=1e-6)
-    layer.bfloat16_dispatch = False
+    layer.settings = layer.settings.replace(bfloat16_dispatch=False)
     assert layer.dispatch.name == "reference" and layer.dispatch.precision.round_to is None
     assert not torch.allclose(layer(x), y, atol=1e-5)

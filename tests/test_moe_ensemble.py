@@ -7,6 +7,7 @@ import torch
 from vmoe.models import create_vmoe
 from vmoe.models.ensemble import EnsembleVisionTransformer
 from vmoe.moe import EnsembleMoEMlp, build_moe_mlp
+from routed import Routed
 from vmoe.moe.routers import EnsembleRouter
 from vmoe.moe.routers.ensemble import member_gates
 
@@ -19,7 +20,7 @@ def test_member_gates_are_block_diagonal():
 
 
 def test_router_routes_each_member_among_its_own_experts():
-    router = EnsembleRouter(dim=2, num_experts=4, k=1, ensemble_size=2).eval()
+    router = Routed("ensemble", 4, dim=2, k=1, ensemble_size=2).eval()
     with torch.no_grad():
         router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]]))
     # rows: (token 0, member 0), (token 0, member 1), (token 1, member 0), (token 1, member 1)
@@ -33,7 +34,7 @@ def test_router_routes_each_member_among_its_own_experts():
     with pytest.raises(ValueError, match="multiple of ensemble_size=2"):
         router(torch.zeros(1, 3, 2))
     with pytest.raises(ValueError, match=r"k must be in \[1, num_experts / ensemble_size = 2\]"):
-        EnsembleRouter(dim=2, num_experts=4, k=3, ensemble_size=2)
+        Routed("ensemble", 4, dim=2, k=3, ensemble_size=2)
     with pytest.raises(ValueError, match="multiple of ensemble_size=3"):
         EnsembleRouter(dim=2, num_experts=4, ensemble_size=3)
 

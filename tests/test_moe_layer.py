@@ -104,18 +104,21 @@ def test_metrics_and_aux_loss():
 
 def test_capacity_settings_change_routing_without_touching_weights():
     layer = make_layer(capacity_factor=2.0, eval_capacity_factor=0.25)
-    assert layer.eval_capacity_factor == 0.25
+    assert layer.settings.eval_capacity_factor == 0.25
+    weights = {name: p.clone() for name, p in layer.state_dict().items()}
     layer.eval()
     x = torch.randn(2, 8, 16)
     layer(x)
     # capacity = ceil(16 * 2 * 0.25 / 4) = 2 -> 4 (multiple of 4): 16 of 32 assignments at most
     assert layer.metrics["tokens_per_expert"].max().item() <= 4
-    layer.eval_capacity_factor = None  # back to the training factor
-    assert layer.eval_capacity_factor == 2.0
+    layer.settings = layer.settings.replace(eval_capacity_factor=2.0)
     layer(x)
     assert layer.metrics["dropped_fraction"].item() == 0
-    layer.batch_priority = True
-    assert layer.router.batch_priority is True
+    layer.settings = layer.settings.replace(batch_priority=True)
+    assert layer.settings.batch_priority is True and not hasattr(layer.router, "batch_priority")
+    assert all(torch.equal(p, weights[name]) for name, p in layer.state_dict().items())
+    with pytest.raises(TypeError, match="settings must be a RoutingSettings"):
+        layer.settings = {"batch_priority": True}
 
 
 def test_state_dict_layout():
@@ -141,19 +144,19 @@ def test_bf16_autocast_keeps_router_in_float32():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"k": 0}, r"k must be in \[1, num_experts=4\], got 0"),
+        ({"k": 0}, r"k must be an integer >= 1 or None \(the scheme's default\), got 0"),
         ({"k": 5}, r"k must be in \[1, num_experts=4\], got 5"),
-        ({"capacity_factor": 0.0}, "capacity_factor must be > 0, got 0.0"),
-        ({"capacity_factor": -1.0}, "capacity_factor must be > 0, got -1.0"),
+        ({"capacity_factor": 0.0}, "capacity_factor must be > 0 or None .*, got 0.0"),
+        ({"capacity_factor": -1.0}, "capacity_factor must be > 0 or None .*, got -1.0"),
         ({"eval_capacity_factor": 0.0}, "eval_capacity_factor must be > 0 or None"),
         ({"num_experts": 0}, "num_experts must be an integer >= 1, got 0"),
         ({"num_experts": 2.5}, "num_experts must be an integer >= 1, got 2.5"),
-        ({"k": 1.5}, r"k must be in \[1, num_experts=4\], got 1.5"),
+        ({"k": 1.5}, r"k must be an integer >= 1 or None .*, got 1.5"),
         ({"noise_std": -0.5}, "noise_std must be >= 0, got -0.5"),
         ({"noise_std": float("nan")}, "noise_std must be >= 0, got nan"),
         ({"noise_std": float("inf")}, "noise_std must be >= 0, got inf; valid: a finite number >= 0"),
-        ({"capacity_factor": float("inf")}, "capacity_factor must be > 0, got inf; valid: a finite number > 0"),
-        ({"capacity_factor": float("nan")}, "capacity_factor must be > 0, got nan"),
+        ({"capacity_factor": float("inf")}, "capacity_factor must be > 0 or None .*, got inf; valid: a finite number > 0"),
+        ({"capacity_factor": float("nan")}, "capacity_factor must be > 0 or None .*, got nan"),
         ({"eval_capacity_factor": float("inf")}, r"eval_capacity_factor must be > 0 or None \(= capacity_factor\), got inf"),
         ({"group_size": 0}, r"group_size must be an integer >= 1 or None \(the whole local batch\), got 0"),
         ({"group_size": 2.5}, "group_size must be an integer >= 1 or None .*, got 2.5"),
@@ -167,14 +170,17 @@ def test_bad_arguments(kwargs, message):
 
 def test_bad_inputs():
     layer = make_layer(group_size=5)
-    with pytest.raises(ValueError, match=r"group_size=5 does not divide B\*T=2\*6=12"):
+    with pytest.raises(ValueError, match=r"group_size=5 does not divide the B\*T=12 tokens of this forward"):
         layer(torch.randn(2, 6, 16))
-    with pytest.raises(ValueError, match=r"expects x of shape \[B, T, D\], got \(12, 16\)"):
+    with pytest.raises(ValueError, match=r"expects x of shape \[B, T, D=16\], got \(12, 16\)"):
         layer(torch.randn(12, 16))
-    with pytest.raises(ValueError, match=r"expects width D=16, got x of shape \(2, 5, 8\)"):
+    with pytest.raises(ValueError, match=r"expects x of shape \[B, T, D=16\], got \(2, 5, 8\)"):
         layer(torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match="capacity_factor must be > 0, got 0"):
-        layer.capacity_factor = 0
+    with pytest.raises(ValueError, match="capacity_factor must be > 0 or None .*got 0"):
+        layer.settings = layer.settings.replace(capacity_factor=0)
+    with pytest.raises(ValueError, match="capacity_factor must be > 0 for router NoisyTopKRouter, got None"):
+        layer.settings = layer.settings.replace(capacity_factor=None)
+    assert layer.settings.capacity_factor == 1.05  # a refused change leaves the settings as they were
 
 
 @pytest.mark.parametrize("bias", [True, False])

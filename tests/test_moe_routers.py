@@ -4,15 +4,15 @@ import math
 import pytest
 import torch
 
-from vmoe.moe import MoEMlp, build_moe_mlp, build_router
-
+from routed import Routed
+from vmoe.moe import MoEMlp, build_moe_mlp
 
 def make(name, num_experts=4, **kw):
     """A router whose weight is the identity, so its logits are the input itself (D = E)."""
-    router = build_router(name, dim=num_experts, num_experts=num_experts, **kw)
+    routed = Routed(name, num_experts, **kw)
     with torch.no_grad():
-        router.weight.copy_(torch.eye(num_experts))
-    return router.eval()
+        routed.router.weight.copy_(torch.eye(num_experts))
+    return routed.eval()
 
 
 def test_switch_top1_and_losses():
@@ -77,7 +77,7 @@ def test_deepseek_raw_affinities_and_balance_loss():
 
 
 def test_shazeer_noise_is_learned_through_the_load_loss():
-    router = build_router("shazeer", dim=8, num_experts=4, k=2).train()
+    router = Routed("shazeer", 4, dim=8, k=2).train()
     out = router(torch.randn(2, 16, 8))
     assert {"importance_loss", "load_loss"} <= set(out.metrics)
     out.aux_loss.backward()
@@ -102,7 +102,7 @@ def test_dense_uses_every_expert_with_softmax_gates():
 @pytest.mark.parametrize("tokens, factor, expected", [(10, 2.0, 5), (10, 1.0, 3), (7, 0.5, 1), (8, 16.0, 8)])
 def test_expert_choice_capacity(tokens, factor, expected):
     # C = min(S, ceil(S * c / E)) with E = 4: ceil(5) = 5, ceil(2.5) = 3, ceil(.875) = 1, min(8, 32) = 8.
-    router = build_router("expert_choice", dim=6, num_experts=4, capacity_factor=factor).train()
+    router = Routed("expert_choice", 4, dim=6, capacity_factor=factor).train()
     assert router.capacity(tokens) == expected
     out = router(torch.randn(3, tokens, 6))
     assert out.routing.kept.sum(1).eq(expected).all()  # every expert took exactly C tokens per group
@@ -118,25 +118,27 @@ def test_expert_choice_metrics_hand_example():
     assert out.metrics["experts_per_token_min"] == 1 and out.metrics["experts_per_token_max"] == 2
     assert out.metrics["tokens_processed_fraction"] == 1
     # Eval factor .5: C = ceil(.75) = 1: e0 -> t2, e1 -> t1; t0 is processed by no expert.
-    router.eval_capacity_factor = 0.5
+    router.settings = router.settings.replace(eval_capacity_factor=0.5)
     out = router(torch.tensor([[[2.0, 2.0], [0.0, 1.0], [1.0, 0.0]]]))
     torch.testing.assert_close(out.metrics["tokens_processed_fraction"], torch.tensor(2 / 3))
     assert out.metrics["experts_per_token_min"] == 0
 
 
 @pytest.mark.parametrize("router, kwargs, message", [
-    ("switch", {"noise_std": 0.5}, r"router 'switch' does not use \['noise_std'\]"),
+    ("switch", {"noise_std": 0.5}, r"routing scheme 'switch' does not use \['noise_std'\]"),
     ("switch", {"k": 2}, r"switch routes every token to exactly one expert \(k=1\), got k=2"),
     ("gshard", {"k": 1}, r"gshard is top-2 routing \(k=2\), got k=1"),
-    ("expert_choice", {"k": 2}, r"router 'expert_choice' does not use \['k'\]"),
-    ("expert_choice", {"batch_priority": True}, "expert_choice has no batch priority"),
+    ("expert_choice", {"k": 2}, r"routing scheme 'expert_choice' does not use \['k'\]"),
+    ("expert_choice", {"batch_priority": True}, r"routing scheme 'expert_choice' does not use \['batch_priority'\]"),
     ("dense", {"importance_weight": 0.01}, r"router 'dense' does not use \['importance_weight'\]"),
     ("mixtral", {"load_weight": 0.01}, r"router 'mixtral' does not use \['load_weight'\]"),
     ("deepseek", {"router_kwargs": {"num_devices": 2}}, "num_devices=2 is only used by the device-level"),
     ("deepseek", {"router_kwargs": {"device_balance_weight": 0.1}}, "needs num_devices >= 2"),
     ("deepseek_v3", {"router_kwargs": {"num_groups": 3}}, "num_groups must be >= 1 and divide"),
     ("deepseek_v3", {"router_kwargs": {"gamma": -1.0}}, r"gamma \(bias update speed\) must be >= 0"),
-    ("vmoe", {"k": 2, "router_kwargs": {"k": 1}}, r"\['k'\] given both as MoEMlp arguments and in router_kwargs"),
+    ("vmoe", {"load_weight": 0.1, "router_kwargs": {"load_weight": 1}},
+     r"\['load_weight'\] given both as MoEMlp arguments and in router_kwargs"),
+    ("vmoe", {"router_kwargs": {"k": 1}}, r"router 'vmoe' does not use \['k'\]"),
     ("soft", {"capacity_factor": 1.0}, r"soft MoE does not use \['capacity_factor'\]"),
     ("soft", {"router_kwargs": {"slots": 2}}, r"soft MoE router_kwargs does not take \['slots'\]"),
     ("nope", {}, r"unknown router 'nope'; valid: \[.*'soft'"),
@@ -148,5 +150,5 @@ def test_unused_or_bad_settings_raise(router, kwargs, message):
 
 def test_vmoe_defaults_unchanged():
     layer = MoEMlp(8, 16, num_experts=4)
-    r = layer.router
-    assert (layer.k, r.capacity_factor, r.noise_std, r.importance_weight, r.load_weight) == (2, 1.05, 1.0, .005, .005)
+    r, s = layer.router, layer.settings
+    assert (s.k, s.capacity_factor, s.noise_std, r.importance_weight, r.load_weight) == (2, 1.05, 1.0, .005, .005)

@@ -3,7 +3,8 @@ unbiased combine weights, group-limited routing, sequence-wise balance loss."""
 import pytest
 import torch
 
-from vmoe.moe import MoEMlp, build_router
+from routed import Routed
+from vmoe.moe import MoEMlp
 from vmoe.moe.losses import sequence_balance_loss
 from vmoe.moe.routers import after_optimizer_step
 
@@ -11,10 +12,10 @@ D, H = 16, 64
 
 
 def v3(num_experts=4, k=1, **kw):
-    router = build_router("deepseek_v3", dim=num_experts, num_experts=num_experts, k=k, capacity_factor=8.0, **kw)
+    routed = Routed("deepseek_v3", num_experts, k=k, capacity_factor=8.0, **kw)
     with torch.no_grad():
-        router.weight.copy_(torch.eye(num_experts))
-    return router
+        routed.router.weight.copy_(torch.eye(num_experts))
+    return routed
 
 
 def test_v3_bias_moves_against_overloaded_experts_and_changes_selection_only():

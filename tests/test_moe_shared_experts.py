@@ -40,7 +40,7 @@ def test_fine_grained_m4_same_expert_params_and_flops_as_m1(bias):
 def test_fine_grained_checks():
     with pytest.raises(ValueError, match="expert_granularity=3 must divide the expert hidden width H=64"):
         MoEMlp(D, H, expert_granularity=3)
-    with pytest.raises(ValueError, match="router 'expert_choice' has no default k"):
+    with pytest.raises(ValueError, match="router 'expert_choice' has no per-token k"):
         MoEMlp(D, H, router="expert_choice", expert_granularity=2)
     assert MoEMlp(D, H, num_experts=4, expert_granularity=2).k == 4  # vmoe's default k=2, times m
 

@@ -24,7 +24,7 @@ def reference(layer, x):
 @pytest.mark.parametrize("slots, normalize", [(1, True), (2, False)])
 def test_soft_moe_matches_reference(slots, normalize):
     torch.manual_seed(0)
-    layer = build_moe_mlp(router="soft", in_features=8, hidden_features=16, num_experts=3,
+    layer = build_moe_mlp(router="soft", in_features=8, hidden_features=16, num_experts=3, group_size=5,
                           router_kwargs={"slots_per_expert": slots, "normalize": normalize})
     assert isinstance(layer, SoftMoEMlp) and layer.phi.shape == (8, 3 * slots)
     x = torch.randn(2, 5, 8, requires_grad=True)
@@ -39,19 +39,29 @@ def test_soft_moe_matches_reference(slots, normalize):
     assert r.expert_index.shape == (2, 5, 1) and r.kept.all() and (r.slot_index < slots).all()
 
 
-def test_soft_moe_images_do_not_mix_by_default():
+def test_soft_moe_group_is_the_whole_forward_unless_set_and_one_image_in_a_vmoe():
     torch.manual_seed(0)
     layer = build_moe_mlp(router="soft", in_features=8, hidden_features=16, num_experts=2)
     x = torch.randn(3, 4, 8)
+    # None = all B*T tokens of the forward, as for every block: images mix
+    assert not torch.allclose(layer(x)[:1], layer(x[:1]), atol=1e-4)
+    layer.settings = layer.settings.replace(group_size=4)
     torch.testing.assert_close(layer(x)[:1], layer(x[:1]), atol=1e-6, rtol=1e-6)
+    from vmoe.models import create_vmoe
+    model = create_vmoe("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                        num_classes=3, moe_layers=[1], num_experts=2, router="soft")
+    assert model.blocks[1].mlp.group_size == 4 + 1  # a V-MoE routes Soft MoE per image: patches + class token
+    images = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model.eval()(images)[:1], model(images[:1]), atol=1e-5, rtol=1e-5)
 
 
 def test_soft_moe_routing_settings():
     layer = build_moe_mlp(router="soft", in_features=8, num_experts=2)
-    layer.eval_capacity_factor, layer.batch_priority = None, False  # the "off" values are accepted
-    with pytest.raises(ValueError, match="soft MoE has no capacity"):
-        layer.capacity_factor = 1.0
-    with pytest.raises(ValueError, match="no batch priority"):
-        layer.batch_priority = True
+    layer.settings = layer.settings.replace(group_size=2)  # the one setting it has
+    assert not layer.has_capacity and layer.capacity(4) is None
+    with pytest.raises(ValueError, match=r"soft MoE drops nothing .* does not use \['capacity_factor'\]"):
+        layer.settings = layer.settings.replace(capacity_factor=1.0)
+    with pytest.raises(ValueError, match=r"does not use \['batch_priority'\]"):
+        layer.settings = layer.settings.replace(batch_priority=True)
     with pytest.raises(ValueError, match=r"soft MoE does not use \['k', 'noise_std'\]"):
         build_moe_mlp(router="soft", in_features=8, k=2, noise_std=1.0)

@@ -98,7 +98,7 @@ def _config(moe: MoEConfig | None, settings: dict[str, Any]) -> MoEConfig:
     if unknown:
         raise TypeError(f"unknown MoE settings {unknown}; valid: {list(MoEConfig.field_names())}")
     if moe is None:
-        return MoEConfig(**settings)
+        return MoEConfig.from_flat(**settings)
     return moe.replace(**settings) if settings else moe
 
 
@@ -121,14 +121,28 @@ def convert_to_moe(model: nn.Module, moe: MoEConfig | None = None, **settings: A
         counts = moe.experts_per_layer(len(indices))
     except ValueError as err:
         raise ValueError(f"{err}: MoE blocks {indices}") from None
+    routing = moe.routing
+    if moe.router == "soft" and routing.group_size is None:
+        # Soft MoE mixes the tokens of one image (the paper's setting), not of the whole batch.
+        routing = routing.replace(group_size=_tokens_per_image(model))
     for index, count in zip(indices, counts):
         block = blocks[index]
         ref = block.mlp.fc1.weight if isinstance(getattr(block.mlp, "fc1", None), nn.Linear) else None
-        layer = build_moe_mlp(**mlp_config(block.mlp), **moe.block_kwargs(count))
+        layer = build_moe_mlp(router=moe.router, settings=routing, num_experts=count, **mlp_config(block.mlp),
+                              **dict(moe.moe_kwargs or {}))
         # the new block lives where the dense one did (GPU, bf16 or meta models stay uniform)
         block.mlp = layer.to(device=ref.device, dtype=ref.dtype) if ref is not None else layer
-    record_moe_args(model, dataclasses.asdict(moe))  # the model now calls itself "vmoe" for timm's export
+    record_moe_args(model, moe.flat())  # the model now calls itself "vmoe" for timm's export
     return to_ensemble(model)  # E³ (router="ensemble"): the batch repeat before the first MoE block
+
+
+def _tokens_per_image(model: nn.Module) -> int:
+    """T of a timm ViT: its patches plus prefix tokens (class, registers)."""
+    patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if not isinstance(patches, int):
+        raise ValueError(f"cannot tell the tokens per image of {type(model).__name__} (no patch_embed.num_patches); "
+                         "give Soft MoE a group_size")
+    return patches + int(getattr(model, "num_prefix_tokens", 1))
 
 
 def _load_starting_weights(model: nn.Module, checkpoint_path: str | os.PathLike,

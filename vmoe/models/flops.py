@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..moe import MoEBlock, SoftMoEMlp, is_moe_layer
-from ..moe.routers import ExpertChoiceRouter
 from .build import create_vmoe
 
 __all__ = ["ModelCost", "model_cost", "choices_per_token", "flops_table", "report", "main"]
@@ -60,20 +59,21 @@ def choices_per_token(layer: MoEBlock, group_size: int) -> float:
     if capacity is None:
         return float(k)
     slots = layer.num_experts * capacity / group_size
-    if isinstance(layer.router, ExpertChoiceRouter):
+    if layer.router.experts_choose:
         return slots
     return min(float(k), slots)
 
 
-def _moe_cost(tokens: int, layer: MoEBlock) -> tuple[int, int]:
-    """(forward FLOPs, parameters not active for a token) of one MoE layer, one image of ``tokens`` tokens
-    routed as its own group unless the layer sets ``group_size``. Soft MoE: every token reaches every
+def _moe_cost(tokens: int, layer: MoEBlock, batch_size: int = 1) -> tuple[int, int]:
+    """(forward FLOPs, parameters not active for a token) of one MoE layer per image of ``tokens`` tokens,
+    in routing groups of the layer's ``group_size`` (None: the whole batch of ``batch_size`` images, as in
+    the forward). Soft MoE: every token reaches every
     expert through the slots, so all its parameters are active; its mixing is 3 products per token of
     width E * p (logits x Phi, the dispatch into slots, the combine out of them)."""
     experts = layer.experts
     num, hidden, dim = experts.fc1_weight.shape
     out = experts.fc2_weight.shape[1]
-    choices = choices_per_token(layer, layer.group_size or tokens)
+    choices = choices_per_token(layer, layer.group_size or batch_size * tokens)
     flops = round(choices * 2 * tokens * (dim * hidden + hidden * out))
     router_weight = getattr(layer.router, "weight", None)
     if isinstance(router_weight, nn.Parameter):
@@ -92,8 +92,12 @@ def model_tokens(model: nn.Module) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
-def model_cost(model: nn.Module, name: str | None = None) -> ModelCost:
-    """Cost of a timm VisionTransformer (dense or V-MoE) at its configured image size."""
+def model_cost(model: nn.Module, name: str | None = None, batch_size: int = 1) -> ModelCost:
+    """Cost per image of a timm VisionTransformer (dense or V-MoE) at its configured image size, for a
+    forward of ``batch_size`` images (it matters only for MoE layers whose group_size is None: their
+    routing group is the whole batch, and capacity rounding depends on the group's size)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     patches = model.patch_embed.num_patches
     tokens = model_tokens(model)
     proj = model.patch_embed.proj
@@ -106,10 +110,10 @@ def model_cost(model: nn.Module, name: str | None = None) -> ModelCost:
         flops += _linear_flops(tokens, attn.qkv) + _linear_flops(tokens, attn.proj)
         flops += 2 * 2 * tokens * tokens * dim  # scores q k^T and the weighted sum of v, over all heads
         if is_moe_layer(block.mlp):
-            moe_flops, moe_inactive = _moe_cost(tokens, block.mlp)
+            moe_flops, moe_inactive = _moe_cost(tokens, block.mlp, batch_size)
             flops += moe_flops
             inactive += moe_inactive
-            choices.append(choices_per_token(block.mlp, getattr(block.mlp, "group_size", None) or tokens))
+            choices.append(choices_per_token(block.mlp, block.mlp.group_size or batch_size * tokens))
         else:
             flops += _linear_flops(tokens, block.mlp.fc1) + _linear_flops(tokens, block.mlp.fc2)
     if isinstance(model.head, nn.Linear):

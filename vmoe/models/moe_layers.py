@@ -1,7 +1,7 @@
 """Model-level MoE helpers: where the MoE blocks are, their summed loss, routing settings, routing capture.
 
-Routing settings change in one way: each block's ``routing`` (a :class:`vmoe.moe.RoutingSettings`) is
-read, changed with ``replace`` and written back. :func:`set_routing` does that for every block,
+Routing settings change in one way: each MoE layer's ``settings`` (a :class:`vmoe.moe.RoutingSettings`)
+is read, changed with ``replace`` and written back. :func:`set_routing` does that for every layer,
 :func:`routing_settings` does it for the duration of a ``with`` and puts the exact old settings back.
 """
 from __future__ import annotations
@@ -62,40 +62,39 @@ def _moe_layers(model: nn.Module, action: str) -> list[MoEBlock]:
     return layers
 
 
-def set_routing(model: nn.Module, *, capacity_factor: float | None = None,
-                eval_capacity_factor: float | None = None, batch_priority: bool | None = None,
-                layers: Sequence[MoEBlock] | None = None) -> int:
-    """Change routing settings on every MoE layer of a (trained) model without touching weights.
+def set_routing(model: nn.Module, *, layers: Sequence[MoEBlock] | None = None, **changes: Any) -> int:
+    """Change routing settings on every MoE layer of a (trained) model without touching weights: the one
+    way to change them (``block.settings = block.settings.replace(...)`` per layer).
 
-    None leaves a setting as it is. The values are checked before any layer changes. ``layers``: only these
-    MoE layers of the model (default: all of them). Returns the number of MoE layers changed; raises
-    ValueError when the model has none (the call would otherwise do nothing).
+    ``changes``: :class:`vmoe.moe.RoutingSettings` fields (capacity_factor, eval_capacity_factor,
+    batch_priority, group_size, noise_std, bfloat16_dispatch, k); a None value leaves that setting as it
+    is. Every layer's new settings are checked before any layer changes. ``layers``: only these MoE layers
+    of the model (default: all of them). Returns the number of MoE layers changed; raises ValueError when
+    the model has none (the call would otherwise do nothing).
     """
-    changes: dict[str, Any] = dict(capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                                   batch_priority=batch_priority)
     changes = {name: value for name, value in changes.items() if value is not None}
     layers = _moe_layers(model, "set routing on") if layers is None else list(layers)
-    new = [layer.routing.replace(**changes) for layer in layers]  # validates before anything changes
+    new = [layer.settings.replace(**changes) for layer in layers]
+    for layer, settings in zip(layers, new):  # validates every layer before anything changes
+        layer.check_settings(settings)
     for layer, settings in zip(layers, new):
-        layer.routing = settings
+        layer.settings = settings
     return len(layers)
 
 
 @contextlib.contextmanager
-def routing_settings(model: nn.Module, *, capacity_factor: float | None = None,
-                     eval_capacity_factor: float | None = None, batch_priority: bool | None = None,
-                     layers: Sequence[MoEBlock] | None = None) -> Iterator[None]:
-    """:func:`set_routing` inside the ``with``; every layer's exact settings are put back on exit (an eval
-    factor that followed the training one follows it again), also after an exception."""
+def routing_settings(model: nn.Module, *, layers: Sequence[MoEBlock] | None = None,
+                     **changes: Any) -> Iterator[None]:
+    """:func:`set_routing` inside the ``with``; every layer's exact settings are put back on exit, also
+    after an exception."""
     layers = _moe_layers(model, "set routing on") if layers is None else list(layers)
-    saved = [layer.routing for layer in layers]
+    saved = [layer.settings for layer in layers]
     try:
-        set_routing(model, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                    batch_priority=batch_priority, layers=layers)
+        set_routing(model, layers=layers, **changes)
         yield
     finally:
         for layer, settings in zip(layers, saved):
-            layer.routing = settings
+            layer.settings = settings
 
 
 def _detached(routing: Routing) -> Routing:

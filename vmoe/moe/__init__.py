@@ -7,21 +7,22 @@ group), D model width, H expert hidden width, A kept assignments. docs/design.md
 from . import axes, losses
 from .block import MoEBlock
 from .build import available_routers, build_moe_mlp, is_moe_layer, iter_moe_layers
-from .capacity import compute_capacity
-from .config import MoEConfig, RoutingSettings
+from .capacity import compute_capacity, expert_choice_capacity
+from .config import MoEConfig
 from .dispatch import (Dispatch, DispatchPrecision, build_dispatch, combine_reference, moe_combine,
                        sort_assignments)
 from .ensemble import EnsembleMoEMlp
 from .experts import StackedExperts
 from .layer import MoEMlp, routing_metrics
-from .routers import ROUTERS, Router, RouterOutput, build_router, register_router
+from .routers import ROUTERS, Router, RouterOutput, build_router, register_router, router_class
 from .routing import Routing, expert_choice_routing, route_choices, top_k_routing
+from .settings import V_MOE_CAPACITY_FACTOR, RoutingSettings
 from .shared_experts import ResidualMLP, SharedExperts
 from .soft import SoftMoEMlp
 from .static_dispatch import StaticCapacityDispatch, static_slots
 
 __all__ = [
-    "axes", "losses", "MoEBlock", "MoEConfig", "RoutingSettings", "build_moe_mlp", "is_moe_layer", "iter_moe_layers", "compute_capacity", "combine_reference", "moe_combine", "sort_assignments", "StackedExperts",
+    "axes", "losses", "MoEBlock", "MoEConfig", "RoutingSettings", "build_moe_mlp", "is_moe_layer", "iter_moe_layers", "compute_capacity", "expert_choice_capacity", "V_MOE_CAPACITY_FACTOR", "router_class", "combine_reference", "moe_combine", "sort_assignments", "StackedExperts",
     "MoEMlp", "routing_metrics", "ROUTERS", "Router", "RouterOutput", "build_router", "register_router",
     "Routing", "top_k_routing", "available_routers", "expert_choice_routing", "route_choices", "ResidualMLP",
     "SharedExperts", "SoftMoEMlp", "EnsembleMoEMlp", "Dispatch", "DispatchPrecision", "build_dispatch",

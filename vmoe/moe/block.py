@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_positive_int
-from .config import RoutingSettings
 from .experts import StackedExperts
 from .routing import Routing
+from .settings import RoutingSettings
 
 __all__ = ["MoEBlock"]
 
@@ -19,28 +19,56 @@ class MoEBlock(nn.Module):
     """Base of the MoE blocks: a drop-in for timm's Mlp on x [B, T, D] with E stacked experts.
 
     Attributes every block has:
-      in_features (D), num_experts (E), group_size (S, None = the whole local batch),
+      in_features (D), num_experts (E), settings (its resolved :class:`RoutingSettings`),
       experts: :class:`StackedExperts` (leading axis E), router: the router module or None,
       aux_loss (weighted, in the graph), metrics (detached) and last_routing (a Routing [B, T, K]),
       all three from the latest forward; expert_parallel: the expert-parallel hook or None.
-    Subclasses say whether experts can be sharded over ranks (``supports_expert_parallel``) and how many
-    experts a token uses (``experts_per_token``, for FLOP counts), and implement ``routing``.
+    Subclasses say whether experts can be sharded over ranks (``supports_expert_parallel``), how many
+    experts a token uses (``experts_per_token``, for FLOP counts), how many slots an expert has
+    (``capacity``) and which settings fit them (``check_settings``).
+
+    Settings change on a trained model by assigning new ones, ``block.settings =
+    block.settings.replace(...)`` (``vmoe.models.set_routing`` does it for every block of a model); the
+    block checks them before anything changes.
     """
 
-    is_moe_layer: ClassVar[bool] = True
     supports_expert_parallel: ClassVar[bool] = False
     experts: StackedExperts
     router: nn.Module | None
 
-    def __init__(self, in_features: int, num_experts: int, group_size: int | None) -> None:
+    def __init__(self, in_features: int, num_experts: int) -> None:
         super().__init__()
         check_positive_int("num_experts", num_experts)
-        check_positive_int("group_size", group_size, optional=True, what=" (the whole local batch)")
-        self.in_features, self.num_experts, self.group_size = in_features, num_experts, group_size
+        self.in_features, self.num_experts = in_features, num_experts
         self.router = None
+        self._settings = RoutingSettings()
         self.aux_loss: Tensor = torch.zeros(())
         self.metrics: dict[str, Tensor] = {}
         self.last_routing: Routing | None = None
+
+    @property
+    def settings(self) -> RoutingSettings:
+        """The routing settings the block runs with (resolved: no scheme default left unset)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: RoutingSettings) -> None:
+        if not isinstance(settings, RoutingSettings):
+            raise TypeError(f"settings must be a RoutingSettings, got {type(settings).__name__}")
+        self.check_settings(settings)
+        self._settings = settings
+        self.settings_changed()
+
+    def check_settings(self, settings: RoutingSettings) -> None:
+        """ValueError, naming the setting, when ``settings`` do not fit this block."""
+
+    def settings_changed(self) -> None:
+        """Called after new settings are stored (a block may derive state from them)."""
+
+    @property
+    def group_size(self) -> int | None:
+        """Tokens per routing group (S); None = all B*T tokens of the forward."""
+        return self._settings.group_size
 
     @property
     def expert_parallel(self):
@@ -53,43 +81,20 @@ class MoEBlock(nn.Module):
         """Expert MLPs each token's assignments run through (K), None when that is not a fixed count."""
         return None
 
-    # --- routing settings: one property, the scalar ones below read and write through it -------------
     @property
-    def routing(self) -> RoutingSettings:
-        """The block's routing settings as set (eval_capacity_factor None = follows capacity_factor)."""
-        raise NotImplementedError
-
-    @routing.setter
-    def routing(self, settings: RoutingSettings) -> None:
-        raise NotImplementedError
+    def has_capacity(self) -> bool:
+        """True when experts have a fixed number of slots (so assignments can be dropped)."""
+        return self._settings.capacity_factor is not None
 
     def capacity(self, group_size: int, training: bool | None = None) -> int | None:
         """Slots per expert for a routing group of ``group_size`` tokens in training or eval mode (None:
         the block's current mode); None when the block has no capacity (it drops nothing)."""
         return None
 
-    @property
-    def capacity_factor(self) -> float | None:
-        return self.routing.capacity_factor
-
-    @capacity_factor.setter
-    def capacity_factor(self, value: float | None) -> None:
-        self.routing = self.routing.replace(capacity_factor=value)
-
-    @property
-    def eval_capacity_factor(self) -> float | None:
-        """The factor in eval mode (the training one when not set)."""
-        settings = self.routing
-        return settings.capacity_factor if settings.eval_capacity_factor is None else settings.eval_capacity_factor
-
-    @eval_capacity_factor.setter
-    def eval_capacity_factor(self, value: float | None) -> None:
-        self.routing = self.routing.replace(eval_capacity_factor=value)
-
-    @property
-    def batch_priority(self) -> bool:
-        return self.routing.batch_priority
-
-    @batch_priority.setter
-    def batch_priority(self, value: bool) -> None:
-        self.routing = self.routing.replace(batch_priority=bool(value))
+    def _groups_of(self, num_tokens: int) -> int:
+        """S for a forward of ``num_tokens`` = B*T tokens; ValueError when the group size does not divide it."""
+        size = self._settings.group_size or num_tokens
+        if num_tokens and num_tokens % size:
+            raise ValueError(f"group_size={size} does not divide the B*T={num_tokens} tokens of this forward; "
+                             f"choose a divisor of {num_tokens} or None (all tokens of the forward)")
+        return size

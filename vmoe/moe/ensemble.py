@@ -37,9 +37,6 @@ class EnsembleMoEMlp(MoEMlp):
         super().__init__(*args, router=router, router_kwargs={**(router_kwargs or {}), "ensemble_size": ensemble_size},
                          **kwargs)
         self.ensemble_size = ensemble_size
-        if self.group_size is not None and self.group_size % ensemble_size:
-            raise ValueError(f"group_size={self.group_size} must be a multiple of ensemble_size={ensemble_size} "
-                             "(routing rows are tokens x members)")
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B*M, T, D] (row b*M + m = image b, member m) -> [B*M, T, D_out]."""

@@ -1,19 +1,19 @@
 """The sparse MoE block: a drop-in for timm's Mlp (docs/design.md)."""
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .block import MoEBlock
+from .capacity import compute_capacity, expert_choice_capacity
 from .checks import check_positive_int
-from .config import RoutingSettings
 from .dispatch import Dispatch, DispatchPrecision, build_dispatch
 from .experts import StackedExperts
-from .routers import Router, build_router
+from .routers import Router, build_router, router_class
 from .routing import Routing
+from .settings import RoutingSettings, resolve_settings, settings_from_arguments
 from .shared_experts import ResidualMLP, SharedExperts, fine_grained
 
 __all__ = ["MoEMlp"]
@@ -23,7 +23,7 @@ class MoEMlp(MoEBlock):
     """Sparse mixture of expert MLPs, constructed like ``timm.layers.Mlp`` plus the MoE settings.
 
     Tokens of the input [B, T, D] are split into routing groups of ``group_size`` consecutive tokens
-    (None: the whole local batch is one group); the router picks K experts per token with per-expert
+    (None: all B*T tokens form one group); the router picks K experts per token with per-expert
     capacity, each expert runs on its kept tokens, and the outputs are combined with the gate weights.
     A token that loses every choice gets 0 here, so only the block's residual carries it.
 
@@ -31,8 +31,11 @@ class MoEMlp(MoEBlock):
     dropped_fraction, dropped_tokens_fraction, load_cv) and ``last_routing`` (a Routing shaped [B, T, K]).
     State-dict keys: router.weight [E, D], experts.fc{1,2}_{weight,bias}.
 
-    k, capacity_factor, noise_std, importance_weight, load_weight: None = the router's own default; only
-    the values set are passed to the router, which raises ValueError for a setting it does not use.
+    Routing: ``settings`` (a :class:`RoutingSettings`) or the same fields as keywords (k, capacity_factor,
+    eval_capacity_factor, batch_priority, noise_std, group_size, bfloat16_dispatch), never both. Unset
+    fields take the scheme's defaults (``Router.default_settings``); a scheme refuses a setting it does not
+    use. ``block.settings`` holds the resolved settings. importance_weight, load_weight: None = the
+    router's own loss weights.
     Expert structure (any top-k router): ``expert_granularity`` m segments every expert into m of hidden
     H/m and routes m*K of the m*E (DeepSeekMoE; ``num_experts``/``k`` then report m*E/m*K);
     ``num_shared_experts`` K_s adds K_s always-on experts of hidden H/m (``shared_experts``);
@@ -61,12 +64,14 @@ class MoEMlp(MoEBlock):
         use_conv: bool = False,
         *,
         num_experts: int = 8,
+        settings: RoutingSettings | None = None,
         k: int | None = None,
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         batch_priority: bool = False,
         noise_std: float | None = None,
         group_size: int | None = None,
+        bfloat16_dispatch: bool = False,
         importance_weight: float | None = None,
         load_weight: float | None = None,
         router: str = "vmoe",
@@ -75,31 +80,34 @@ class MoEMlp(MoEBlock):
         num_shared_experts: int = 0,
         residual: bool = False,
         residual_coefficient: bool = False,
-        bfloat16_dispatch: bool = False,
         dispatch: str | Dispatch = "auto",
     ) -> None:
         if norm_layer is not None or use_conv:
             raise ValueError("MoEMlp supports neither norm_layer nor use_conv (timm Mlp options); got "
                              f"norm_layer={norm_layer}, use_conv={use_conv}")
         check_positive_int("num_experts", num_experts)
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts):
-            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k!r}")
         if num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
         if residual_coefficient and not residual:
             raise ValueError("residual_coefficient=True needs residual=True (it mixes the dense MLP and the MoE)")
+        given = settings_from_arguments(settings, k=k, capacity_factor=capacity_factor,
+                                        eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority,
+                                        noise_std=noise_std, group_size=group_size,
+                                        bfloat16_dispatch=bfloat16_dispatch)
+        scheme = router_class(router)
+        resolved = resolve_settings(given, router, scheme.default_settings(num_experts), scheme.settings_used)
         hidden_features = hidden_features or in_features
-        routed = fine_grained(router, num_experts, k, hidden_features, expert_granularity)
-        super().__init__(in_features, routed.num_experts, group_size)
-        common = dict(k=routed.k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                      noise_std=noise_std, importance_weight=importance_weight, load_weight=load_weight)
-        common = {name: value for name, value in common.items() if value is not None}
-        clash = sorted(set(common) & set(router_kwargs or {}))
+        routed = fine_grained(router, "k" in scheme.settings_used, num_experts, resolved.k, hidden_features,
+                              expert_granularity)
+        super().__init__(in_features, routed.num_experts)
+        losses = {name: value for name, value in dict(importance_weight=importance_weight,
+                                                      load_weight=load_weight).items() if value is not None}
+        clash = sorted(set(losses) & set(router_kwargs or {}))
         if clash:
             raise ValueError(f"{clash} given both as MoEMlp arguments and in router_kwargs; give each once")
         self.router: Router = build_router(router, dim=in_features, num_experts=routed.num_experts,
-                                           batch_priority=batch_priority, **common, **(router_kwargs or {}))
-        self.k, self.expert_granularity = self.router.k, expert_granularity
+                                           **losses, **(router_kwargs or {}))
+        self.expert_granularity = expert_granularity
         self.experts = StackedExperts(routed.num_experts, in_features, routed.hidden_features, out_features,
                                       act_layer, bias, drop)
         self.shared_experts = SharedExperts(num_shared_experts, in_features, routed.hidden_features,
@@ -107,9 +115,8 @@ class MoEMlp(MoEBlock):
         self.residual = ResidualMLP(in_features, hidden_features, out_features, act_layer, bias, drop,
                                     residual_coefficient) if residual else None
         self._router_takes_seq_len = self.router.uses_sequence_length
-        self.dispatch = dispatch
-        if bfloat16_dispatch:
-            self.bfloat16_dispatch = True
+        self._dispatch = build_dispatch(dispatch, DispatchPrecision())
+        self.settings = resolved.replace(k=routed.k)
 
     @property
     def dispatch(self) -> Dispatch:
@@ -118,28 +125,23 @@ class MoEMlp(MoEBlock):
 
     @dispatch.setter
     def dispatch(self, value: str | Dispatch) -> None:
-        precision = getattr(getattr(self, "_dispatch", None), "precision", None)
-        self._dispatch = build_dispatch(value, precision or DispatchPrecision())
+        self._dispatch = build_dispatch(value, self._dispatch.precision)
+
+    def check_settings(self, settings: RoutingSettings) -> None:
+        if settings.capacity_factor is None:
+            raise ValueError(f"capacity_factor must be > 0 for router {type(self.router).__name__}, got None")
+        self.router.check_settings(settings)
+
+    def settings_changed(self) -> None:
+        # bfloat16_dispatch is the dispatch strategy's precision.
+        precision = DispatchPrecision(round_to=torch.bfloat16 if self.settings.bfloat16_dispatch else None)
+        if precision != self._dispatch.precision:
+            self._dispatch = self._dispatch.with_precision(precision)
 
     @property
-    def bfloat16_dispatch(self) -> bool:
-        """V-MoE's ``dispatcher.bfloat16``: the dispatch rounds expert inputs and outputs to bfloat16."""
-        return self._dispatch.precision.round_to == torch.bfloat16
-
-    @bfloat16_dispatch.setter
-    def bfloat16_dispatch(self, value: bool) -> None:
-        self._dispatch = self._dispatch.with_precision(DispatchPrecision(round_to=torch.bfloat16 if value else None))
-
-    @property
-    def use_reference(self) -> bool:
-        """Deprecated: ``moe.dispatch = "reference"`` (True) or ``"auto"`` (False)."""
-        return self._dispatch.name == "reference"
-
-    @use_reference.setter
-    def use_reference(self, value: bool) -> None:
-        warnings.warn("MoEMlp.use_reference is deprecated; set moe.dispatch = 'reference' (or 'auto')",
-                      DeprecationWarning, stacklevel=3)
-        self.dispatch = "reference" if value else "auto"
+    def k(self) -> int:
+        """Choices per token (K; K' = m*K after fine-grained segmentation)."""
+        return self.settings.k
 
     @property
     def expert_parallel(self):
@@ -150,47 +152,31 @@ class MoEMlp(MoEBlock):
     def experts_per_token(self) -> int:
         return self.k
 
-    # Routing settings live on the router; the block reads and writes them as one RoutingSettings.
-    @property
-    def routing(self) -> RoutingSettings:
-        r = self.router
-        return RoutingSettings(r.capacity_factor, r.eval_capacity_factor_setting, r.batch_priority)
-
-    @routing.setter
-    def routing(self, settings: RoutingSettings) -> None:
-        if settings.capacity_factor is None:
-            raise ValueError(f"capacity_factor must be > 0 for router {type(self.router).__name__}, got None")
-        self.router.batch_priority = settings.batch_priority  # the one a scheme may refuse: first
-        self.router.capacity_factor = settings.capacity_factor
-        self.router.eval_capacity_factor = settings.eval_capacity_factor
-
     def capacity(self, group_size: int, training: bool | None = None) -> int:
-        return self.router.capacity(group_size, training)
-
-    def _groups(self, x: Tensor) -> Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"MoEMlp expects x of shape [B, T, D], got {tuple(x.shape)}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"MoEMlp expects width D={self.in_features}, got x of shape {tuple(x.shape)}")
-        n = x.shape[0] * x.shape[1]
-        size = self.group_size or n
-        if n == 0:
-            return x.reshape(0, size, x.shape[-1])
-        if n % size:
-            raise ValueError(f"group_size={size} does not divide B*T={x.shape[0]}*{x.shape[1]}={n}; "
-                             f"choose a divisor of {n} or None (the whole batch)")
-        return x.reshape(n // size, size, x.shape[-1])
+        """Slots per expert (C) for a routing group of S = ``group_size`` tokens, in training (True), eval
+        (False) or the block's current mode (None): ``compute_capacity(S * K, E, factor)``, or tokens per
+        expert when experts choose tokens."""
+        factor = self.settings.factor(self.training if training is None else training)
+        if self.router.experts_choose:
+            return expert_choice_capacity(group_size, self.num_experts, factor)
+        return compute_capacity(group_size * self.settings.k, self.num_experts, factor)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, T, D] -> [B, T, D_out]; B = 0 or T = 0 gives an empty [B, T, D_out] like timm's Mlp."""
-        groups = self._groups(x)  # [G, S, D]
-        b, t, _ = x.shape
-        if groups.numel() == 0:
+        if x.dim() != 3 or x.shape[-1] != self.in_features:
+            raise ValueError(f"MoEMlp expects x of shape [B, T, D={self.in_features}], got {tuple(x.shape)}")
+        b, t, d = x.shape
+        if b * t == 0:
             return self._empty(x)
-        out = self.router(groups, seq_len=t) if self._router_takes_seq_len else self.router(groups)
+        size = self._groups_of(b * t)
+        groups = x.reshape(b * t // size, size, d)  # [G, S, D]
+        capacity = self.capacity(size)  # once per forward: the router and the dispatch share it
+        settings = self.settings
+        out = (self.router(groups, settings, capacity, seq_len=t) if self._router_takes_seq_len
+               else self.router(groups, settings, capacity))
         routing = out.routing
         flat = x.reshape(b * t, -1)
-        y = self._dispatch(flat, routing, self.experts, self.router.capacity(groups.shape[1]))
+        y = self._dispatch(flat, routing, self.experts, capacity)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if self.residual is not None:
@@ -220,7 +206,10 @@ class MoEMlp(MoEBlock):
         return y.reshape(b, t, y.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"group_size={self.group_size}" + (", bfloat16_dispatch=True" if self.bfloat16_dispatch else "")
+        s = self.settings
+        return (f"k={s.k}, capacity_factor={s.capacity_factor}, eval_capacity_factor={s.eval_capacity_factor}, "
+                f"batch_priority={s.batch_priority}, group_size={s.group_size}"
+                + (", bfloat16_dispatch=True" if s.bfloat16_dispatch else ""))
 
 
 @torch.no_grad()

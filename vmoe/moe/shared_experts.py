@@ -2,13 +2,10 @@
 DeepSpeed-MoE residual MoE (docs/design.md, "Expert structure")."""
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple
 
 from timm.layers import Mlp
 from torch import Tensor, nn
-
-from .routers import ROUTERS
 
 __all__ = ["FineGrained", "fine_grained", "SharedExperts", "ResidualMLP"]
 
@@ -22,27 +19,24 @@ class FineGrained(NamedTuple):
     hidden_features: int
 
 
-def fine_grained(router: str, num_experts: int, k: int | None, hidden_features: int,
+def fine_grained(router: str, has_k: bool, num_experts: int, k: int, hidden_features: int,
                  granularity: int) -> FineGrained:
     """E' = m*E routed experts of hidden H/m and K' = m*K choices: the same expert parameters
     (2*E*H*D weights) and the same expert FLOPs per token (K' * 4*D*H/m = 4*K*D*H) as m = 1.
 
-    k=None means the router's default k. Raises ValueError when H is not divisible by m or when the
-    router has no per-token k (expert_choice, dense) and m > 1.
+    ``k``: the resolved K; ``has_k``: whether the scheme routes a per-token k. Raises ValueError when H is
+    not divisible by m or when the router has no per-token k (expert_choice, dense) and m > 1.
     """
-    if not isinstance(granularity, int) or granularity < 1:
+    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
         raise ValueError(f"expert_granularity must be an int >= 1, got {granularity!r}")
     if granularity == 1:
         return FineGrained(num_experts, k, hidden_features)
     if hidden_features % granularity:
         raise ValueError(f"expert_granularity={granularity} must divide the expert hidden width "
                          f"H={hidden_features}")
-    if k is None:
-        param = inspect.signature(ROUTERS[router].__init__).parameters.get("k") if router in ROUTERS else None
-        if param is None or param.default is inspect.Parameter.empty:
-            raise ValueError(f"expert_granularity={granularity} multiplies the per-token k, but router "
-                             f"{router!r} has no default k; use a top-k router (vmoe, deepseek, mixtral, ...)")
-        k = param.default
+    if not has_k:
+        raise ValueError(f"expert_granularity={granularity} multiplies the per-token k, but router "
+                         f"{router!r} has no per-token k; use a top-k router (vmoe, deepseek, mixtral, ...)")
     return FineGrained(num_experts * granularity, k * granularity, hidden_features // granularity)
 
 

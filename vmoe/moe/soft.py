@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .block import MoEBlock
-from .config import RoutingSettings
 from .experts import StackedExperts
 from .routing import Routing
+from .settings import RoutingSettings, settings_from_arguments
 
 __all__ = ["SoftMoEMlp"]
 
@@ -20,7 +20,8 @@ __all__ = ["SoftMoEMlp"]
 class SoftMoEMlp(MoEBlock):
     """Soft MoE block, constructed like :class:`vmoe.moe.MoEMlp` (``build_moe_mlp(router="soft", ...)``).
 
-    Each routing group of S tokens (default: one image, S = T) is mixed into E*p slots, p =
+    Each routing group of S = ``group_size`` tokens (None: all B*T tokens of the forward, as for every
+    block; the V-MoE models give Soft MoE blocks one image per group, S = T) is mixed into E*p slots, p =
     ``router_kwargs["slots_per_expert"]`` (default 1): logits = X Phi [S, E*p]; dispatch = softmax over
     the S tokens (each slot is a convex mix of tokens); combine = softmax over the E*p slots (each token
     a convex mix of slot outputs). Expert e processes its p slots. ``normalize`` (default True) l2-normalises
@@ -47,6 +48,7 @@ class SoftMoEMlp(MoEBlock):
         use_conv: bool = False,
         *,
         num_experts: int = 8,
+        settings: RoutingSettings | None = None,
         group_size: int | None = None,
         router: str = "soft",
         router_kwargs: dict[str, Any] | None = None,
@@ -57,12 +59,13 @@ class SoftMoEMlp(MoEBlock):
                              f"norm_layer={norm_layer}, use_conv={use_conv}")
         if router != "soft":
             raise ValueError(f"SoftMoEMlp is the 'soft' scheme, got router={router!r}")
-        off = {"batch_priority": False, "expert_granularity": 1, "num_shared_experts": 0, "residual": False,
-               "residual_coefficient": False}
+        off = {"expert_granularity": 1, "num_shared_experts": 0, "residual": False, "residual_coefficient": False,
+               **RoutingSettings.UNSET}
         set_args = sorted(name for name, value in unused.items() if value is not None and off.get(name) != value)
         if set_args:
             raise ValueError(f"soft MoE does not use {set_args}; its knobs are num_experts, group_size and "
                              "router_kwargs slots_per_expert / normalize")
+        given = settings_from_arguments(settings, group_size=group_size)
         kwargs = dict(router_kwargs or {})
         slots_per_expert = kwargs.pop("slots_per_expert", 1)
         normalize = kwargs.pop("normalize", True)
@@ -71,7 +74,8 @@ class SoftMoEMlp(MoEBlock):
                              "['normalize', 'slots_per_expert']")
         if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
             raise ValueError(f"slots_per_expert must be an int >= 1, got {slots_per_expert!r}")
-        super().__init__(in_features, num_experts, group_size)
+        super().__init__(in_features, num_experts)
+        self.settings = given
         hidden_features = hidden_features or in_features
         self.slots_per_expert, self.normalize = slots_per_expert, bool(normalize)
         self.phi = nn.Parameter(torch.randn(in_features, num_experts * slots_per_expert) / math.sqrt(in_features))
@@ -79,18 +83,12 @@ class SoftMoEMlp(MoEBlock):
         self.experts = StackedExperts(num_experts, in_features, hidden_features, out_features, act_layer,
                                       bias, drop)
 
-    # Soft MoE has no routing settings, so only their "off" values are accepted.
-    @property
-    def routing(self) -> RoutingSettings:
-        return RoutingSettings()
-
-    @routing.setter
-    def routing(self, settings: RoutingSettings) -> None:
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            if getattr(settings, name) is not None:
-                raise ValueError(f"soft MoE has no capacity (nothing is dropped); got {name}={getattr(settings, name)}")
-        if settings.batch_priority:
-            raise ValueError("soft MoE drops nothing, so it has no batch priority; got batch_priority=True")
+    def check_settings(self, settings: RoutingSettings) -> None:
+        # Nothing is dropped, so only the group size applies.
+        set_args = sorted(set(settings.set_fields()) - {"group_size"})
+        if set_args:
+            raise ValueError(f"soft MoE drops nothing and has no router: it does not use {set_args}; its only "
+                             "routing setting is group_size")
 
     def _logits(self, x: Tensor) -> Tensor:
         """x: [G, S, D] -> [G, S, E*p] in float32."""
@@ -105,9 +103,7 @@ class SoftMoEMlp(MoEBlock):
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(f"SoftMoEMlp expects x of shape [B, T, D={self.in_features}], got {tuple(x.shape)}")
         b, t, d = x.shape
-        size = self.group_size or t
-        if (b * t) % size:
-            raise ValueError(f"group_size={size} does not divide B*T={b}*{t}={b * t}")
+        size = self._groups_of(b * t)
         groups = x.reshape(-1, size, d)  # [G, S, D]
         g, e, p = groups.shape[0], self.num_experts, self.slots_per_expert
         logits = self._logits(groups)  # [G, S, E*p]

@@ -46,8 +46,12 @@ EXTRA_HELP: dict[str, str] = {
 }
 # Model arguments the CLI links from the DataModule; never taken from a checkpoint's hyper-parameters.
 LINKED_FROM_DATA = ("num_classes", "img_size", "in_chans")
-# Routing settings of the current command (config file, flags or defaults), never a checkpoint's.
+# Routing settings an evaluating command takes from itself (config file, flags or defaults), never from the
+# checkpoint it evaluates. A resumed fit takes every routing setting from its checkpoint.
 COMMAND_ROUTING = ("eval_capacity_factor", "batch_priority")
+# Hyper-parameters that decide how a resumed fit routes: a flag may not change them silently.
+TRAINING_ROUTING = ("k", "capacity_factor", "eval_capacity_factor", "batch_priority", "noise_std", "group_size",
+                    "bfloat16_dispatch", "router")
 
 
 def load_extra_command(name: str) -> Callable[[list[str]], Any]:
@@ -191,8 +195,19 @@ class VMoECLI(LightningCLI):
         explicit = explicit_model_keys(self._raw_argv)
         if explicit is None:
             return
+        command_routing = COMMAND_ROUTING if subcommand in EVALUATING else ()
+        if subcommand == "fit":
+            model = config["model"]
+            changed = {k: (hparams[k], model[k]) for k in TRAINING_ROUTING
+                       if k in explicit and k in hparams and k in model and hparams[k] != model[k]}
+            if changed:
+                raise UsageError(
+                    "a resumed fit keeps its checkpoint's routing, but "
+                    + ", ".join(f"--model.{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items())
+                    + f" would change it; drop the flag(s) to resume {self._held_ckpt_path}, or start a new fit from "
+                    "its weights with --model.checkpoint_path")
         keep = {k: v for k, v in classifier_hparams(hparams, keep=explicit).items()
-                if k not in explicit and k not in LINKED_FROM_DATA + COMMAND_ROUTING}
+                if k not in explicit and k not in LINKED_FROM_DATA + command_routing}
         if keep:
             try:
                 self.config = self.parser.parse_object({subcommand: {"model": keep}}, self.config)

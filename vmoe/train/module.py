@@ -37,9 +37,12 @@ class ImageClassifier(L.LightningModule):
     weights to start from: a .ckpt of this module, or .safetensors/.pth of the network; dense weights are
     upcycled into the V-MoE (``upcycle_kwargs``: expert_noise, router_init_std).
 
-    Routing at evaluation: ``eval_capacity_factor`` (None = the training factor) and ``batch_priority`` are
-    applied to every MoE layer at the start of validate/test/predict, so changing them on the command line
-    re-evaluates a trained checkpoint at another capacity without retraining.
+    Routing: k, capacity_factor, eval_capacity_factor (None = the training factor), batch_priority,
+    noise_std, group_size (None = the whole local batch) and bfloat16_dispatch become the
+    :class:`vmoe.moe.RoutingSettings` every MoE layer is built with. ``vmoe validate/test/predict
+    --ckpt_path`` take eval_capacity_factor and batch_priority from the command (so a trained checkpoint is
+    re-evaluated at another capacity without retraining); a resumed ``vmoe fit --ckpt_path`` keeps the
+    checkpoint's routing and refuses a flag that would change it.
 
     Loss: cross-entropy on logits [B, C] (``label_smoothing`` in training only) + the MoE auxiliary loss.
     Mixup / CutMix in training (timm's ``Mixup``): ``mixup_alpha``, ``cutmix_alpha`` (> 0 switches each on),
@@ -70,6 +73,7 @@ class ImageClassifier(L.LightningModule):
         batch_priority: bool = False,
         noise_std: float | None = None,
         group_size: int | None = None,
+        bfloat16_dispatch: bool = False,
         router: str = "vmoe",
         moe_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
@@ -103,14 +107,18 @@ class ImageClassifier(L.LightningModule):
                              f"label_smoothing={label_smoothing}")
         if lr_decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"lr_decay must be 'cosine', 'linear' or 'constant', got {lr_decay!r}")
-        if moe_layers is None and (eval_capacity_factor is not None or batch_priority or upcycle_kwargs):
-            raise ValueError("eval_capacity_factor, batch_priority and upcycle_kwargs act on MoE layers, but "
-                             f"moe_layers=None builds a dense model (got eval_capacity_factor={eval_capacity_factor}, "
-                             f"batch_priority={batch_priority}, upcycle_kwargs={upcycle_kwargs})")
+        if moe_layers is None:
+            moe_only = dict(eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority,
+                            bfloat16_dispatch=bfloat16_dispatch, upcycle_kwargs=upcycle_kwargs)
+            moe_only = {name: value for name, value in moe_only.items() if value not in (None, False, {})}
+            if moe_only:
+                raise ValueError(f"{sorted(moe_only)} act on MoE layers, but moe_layers=None builds a dense model "
+                                 f"(got {moe_only})")
         if compile_kwargs and not compile:
             raise ValueError(f"compile_kwargs={compile_kwargs} needs compile=True")
         # The MoE settings are checked here, once, and travel down as this one object.
-        moe = None if moe_layers is None else MoEConfig(**{name: self.hparams[name] for name in MoEConfig.field_names()})
+        moe = None if moe_layers is None else MoEConfig.from_flat(**{name: self.hparams[name]
+                                                                      for name in MoEConfig.field_names()})
         self.model = build_network(backbone, num_classes=num_classes, img_size=img_size, in_chans=in_chans, moe=moe,
                                    pretrained=pretrained, checkpoint_path=checkpoint_path, model_kwargs=model_kwargs,
                                    upcycle_kwargs=upcycle_kwargs)
@@ -200,26 +208,8 @@ class ImageClassifier(L.LightningModule):
             out["target"] = batch[1]
         return out
 
-    # --- routing settings that change without retraining -------------------------------------------------
-    def apply_routing_settings(self) -> None:
-        """Push eval_capacity_factor (None: follow the training factor) and batch_priority from the
-        hyper-parameters into every MoE layer's routing settings."""
-        for _, layer in iter_moe_layers(self.model):
-            layer.routing = layer.routing.replace(eval_capacity_factor=self.hparams.eval_capacity_factor,
-                                                  batch_priority=self.hparams.batch_priority)
-
     def on_fit_start(self) -> None:
-        self.apply_routing_settings()
         warn_if_normalisation_differs(self)
-
-    def on_validation_start(self) -> None:
-        self.apply_routing_settings()
-
-    def on_test_start(self) -> None:
-        self.apply_routing_settings()
-
-    def on_predict_start(self) -> None:
-        self.apply_routing_settings()
 
     # --- optimisation ---------------------------------------------------------------------------------------
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

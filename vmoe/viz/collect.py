@@ -35,7 +35,7 @@ def moe_blocks(model: nn.Module) -> dict[int, MoEBlock]:
 
 def has_capacity(layer: MoEBlock) -> bool:
     """Whether the block has slots per expert, so that it can drop tokens (False for Soft MoE)."""
-    return layer.capacity(layer.group_size or 1, training=False) is not None
+    return layer.has_capacity
 
 
 def capacity_blocks(model: nn.Module) -> dict[int, MoEBlock]:

@@ -115,7 +115,7 @@ def _dropped_patch_figures(model: nn.Module, images: Tensor, shown: Any, rows: l
                              "; there are no dropped patches to picture (leave the capacity factors out)")
         return {}
     if capacity_factors is None:
-        capacity_factors = [next(iter(capped.values())).eval_capacity_factor]
+        capacity_factors = [next(iter(capped.values())).settings.eval_capacity_factor]
     figures: dict[str, Figure] = {}
     for factor in capacity_factors:
         status = {}
@@ -135,8 +135,8 @@ def _setting_text(model: nn.Module) -> str:
     if not capped:
         return soft_text
     first = next(iter(capped.values()))
-    text = (f"eval capacity factor {first.eval_capacity_factor:g}, "
-            f"{'BPR' if first.batch_priority else 'vanilla routing'}")
+    text = (f"eval capacity factor {first.settings.eval_capacity_factor:g}, "
+            f"{'BPR' if first.settings.batch_priority else 'vanilla routing'}")
     return text if not soft else f"{text}; blocks {soft}: {soft_text}"
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..checks import check_non_negative
+from ..settings import RoutingSettings
 from ..losses import device_balance_loss, expert_balance_loss
 from .base import Router, RouterOutput, register_router
 
@@ -26,12 +28,10 @@ class DeepSeekRouter(Router):
 
     uses_device_placement = True
 
-    def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
-                 expert_balance_weight: float = 0.01, device_balance_weight: float = 0.0,
-                 num_devices: int | None = None) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
-        self.check_non_negative(expert_balance_weight=expert_balance_weight,
+    def __init__(self, dim: int, num_experts: int, expert_balance_weight: float = 0.01,
+                 device_balance_weight: float = 0.0, num_devices: int | None = None) -> None:
+        super().__init__(num_experts, dim=dim)
+        check_non_negative(expert_balance_weight=expert_balance_weight,
                                 device_balance_weight=device_balance_weight)
         if device_balance_weight > 0:
             if num_devices is None or num_devices < 2 or num_experts % num_devices:
@@ -43,10 +43,10 @@ class DeepSeekRouter(Router):
         self.expert_balance_weight, self.device_balance_weight = expert_balance_weight, device_balance_weight
         self.num_devices = num_devices
 
-    def forward(self, x: Tensor) -> RouterOutput:
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K']."""
         scores = self.logits(x).softmax(-1)  # [G, S, E']
-        routing = self.route_top_k(scores)
+        routing = self.route_top_k(scores, settings, capacity)
         expert = expert_balance_loss(scores, routing.expert_index)
         aux = self.expert_balance_weight * expert
         metrics = {"expert_balance_loss": expert.detach()}

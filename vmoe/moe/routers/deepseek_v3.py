@@ -7,7 +7,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..losses import sequence_balance_loss
-from ..checks import check_positive_float
+from ..checks import check_non_negative, check_positive_float
+from ..settings import RoutingSettings
 from ..routing import group_limited_top_k
 from .base import Router, RouterOutput, register_router
 
@@ -30,31 +31,34 @@ class DeepSeekV3Router(Router):
 
     uses_sequence_length = True  # the block passes seq_len=T to forward
 
-    def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
-                 gamma: float = 1e-3, sequence_balance_weight: float = 1e-4, num_groups: int = 1,
-                 topk_groups: int | None = None, route_scale: float = 1.0) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
-        self.check_non_negative(**{"gamma (bias update speed)": gamma,
+    def __init__(self, dim: int, num_experts: int, gamma: float = 1e-3, sequence_balance_weight: float = 1e-4,
+                 num_groups: int = 1, topk_groups: int | None = None, route_scale: float = 1.0) -> None:
+        super().__init__(num_experts, dim=dim)
+        check_non_negative(**{"gamma (bias update speed)": gamma,
                                    "sequence_balance_weight": sequence_balance_weight})
         check_positive_float("route_scale", route_scale)
         topk_groups = num_groups if topk_groups is None else topk_groups
-        group_limited_top_k(torch.zeros(1, num_experts), k, num_groups, topk_groups)  # validates
+        group_limited_top_k(torch.zeros(1, num_experts), 1, num_groups, topk_groups)  # validates the groups
         self.gamma, self.sequence_balance_weight, self.route_scale = gamma, sequence_balance_weight, route_scale
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # Integer so that model.to(dtype) never rounds the counts.
         self.register_buffer("load_since_step", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
-    def forward(self, x: Tensor, seq_len: int | None = None) -> RouterOutput:
+    def check_settings(self, settings: RoutingSettings) -> None:
+        super().check_settings(settings)
+        group_limited_top_k(torch.zeros(1, self.num_experts), settings.k, self.num_groups, self.topk_groups)
+
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int, seq_len: int | None = None
+                ) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K]. seq_len: tokens per sequence (T); the G*S tokens are B*T
         consecutive tokens of B sequences. None treats every group as one sequence."""
         scores = self.logits(x).sigmoid()  # [G, S, E]
         biased = scores + self.expert_bias.float()
-        _, expert_index = group_limited_top_k(biased, self.k, self.num_groups, self.topk_groups)
+        _, expert_index = group_limited_top_k(biased, settings.k, self.num_groups, self.topk_groups)
         chosen = torch.gather(scores, -1, expert_index)
         weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
-        routing = self.route(expert_index, weights)
+        routing = self.route(expert_index, weights, settings, capacity)
         if self.training:
             # Activation checkpointing may recount a forward; sign() of the relative load does not change.
             with torch.no_grad():
@@ -68,7 +72,7 @@ class DeepSeekV3Router(Router):
             if (x.shape[0] * x.shape[1]) % t:
                 raise ValueError(f"seq_len={t} does not divide the {x.shape[0] * x.shape[1]} routed tokens")
             seq = sequence_balance_loss(scores.reshape(-1, t, self.num_experts),
-                                        expert_index.reshape(-1, t, self.k))
+                                        expert_index.reshape(-1, t, settings.k))
             aux = aux + self.sequence_balance_weight * seq
             metrics["sequence_balance_loss"] = seq.detach()
         return RouterOutput(routing, aux, metrics)

@@ -1,7 +1,11 @@
 """Dense mixture of experts (Jacobs et al. 1991): every token uses every expert."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
+
+from ..settings import RoutingSettings
 
 from .base import Router, RouterOutput, register_router
 
@@ -17,11 +21,16 @@ class DenseRouter(Router):
     default c >= 1, so nothing is dropped; c < 1 drops (choice-major, BPR if set).
     """
 
-    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False) -> None:
-        super().__init__(num_experts, num_experts, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
+    settings_used = Router.settings_used - {"k"}  # K = E
 
-    def forward(self, x: Tensor) -> RouterOutput:
+    def __init__(self, dim: int, num_experts: int) -> None:
+        super().__init__(num_experts, dim=dim)
+
+    @classmethod
+    def default_settings(cls, num_experts: int) -> dict[str, Any]:
+        return {**super().default_settings(num_experts), "k": num_experts}
+
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, E]."""
         gates = self.logits(x).softmax(-1)
-        return RouterOutput(self.route_top_k(gates), gates.new_zeros(()))
+        return RouterOutput(self.route_top_k(gates, settings, capacity), gates.new_zeros(()))

@@ -8,8 +8,12 @@ members' experts), and capacity, top-K and Batch Priority Routing then run over 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from ..settings import RoutingSettings
 
 from ..losses import importance_loss, load_loss
 from .base import RouterOutput, register_router
@@ -39,22 +43,29 @@ class EnsembleRouter(NoisyTopKRouter):
     Training noise sigma = noise_std / (E/M); importance (+ load) losses per member and group, averaged.
     """
 
-    def __init__(self, dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
-                 noise_std: float = 1.0, importance_weight: float = 0.005, load_weight: float = 0.005,
+    def __init__(self, dim: int, num_experts: int, importance_weight: float = 0.005, load_weight: float = 0.005,
                  ensemble_size: int = 2) -> None:
         if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
             raise ValueError(f"ensemble_size must be an int >= 1, got {ensemble_size!r}")
         if num_experts % ensemble_size:
             raise ValueError(f"num_experts={num_experts} must be a multiple of ensemble_size={ensemble_size}")
-        if not 1 <= k <= num_experts // ensemble_size:
-            raise ValueError(f"k must be in [1, num_experts / ensemble_size = {num_experts // ensemble_size}] "
-                             f"(each member routes among its own experts), got {k}")
-        super().__init__(dim, num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, noise_std,
-                         importance_weight, load_weight)
+        super().__init__(dim, num_experts, importance_weight, load_weight)
         self.ensemble_size = ensemble_size
 
-    def forward(self, x: Tensor) -> RouterOutput:
+    @classmethod
+    def default_settings(cls, num_experts: int) -> dict[str, Any]:
+        return {**super().default_settings(num_experts), "k": 1}
+
+    def check_settings(self, settings: RoutingSettings) -> None:
+        per_member = self.num_experts // self.ensemble_size
+        if isinstance(settings.k, bool) or not isinstance(settings.k, int) or not 1 <= settings.k <= per_member:
+            raise ValueError(f"k must be in [1, num_experts / ensemble_size = {per_member}] "
+                             f"(each member routes among its own experts), got {settings.k!r}")
+        if settings.group_size is not None and settings.group_size % self.ensemble_size:
+            raise ValueError(f"group_size={settings.group_size} must be a multiple of ensemble_size="
+                             f"{self.ensemble_size} (routing rows are tokens x members)")
+
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int) -> RouterOutput:
         """x: [G, S, D], rows ordered (token, member) -> routing [G, S, K]."""
         g, s, d = x.shape
         m = self.ensemble_size
@@ -67,17 +78,17 @@ class EnsembleRouter(NoisyTopKRouter):
         # float32_logits computes the other routers' logits.
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = torch.einsum("gnmd,mjd->gnmj", rows.float(), weight.float())  # [G, S/M, M, E/M]
-        sigma = self.noise_std / e_m
+        sigma = settings.noise_std / e_m
         noisy = self.training and sigma > 0
         noisy_logits = logits + torch.randn_like(logits) * sigma if noisy else logits
         gates = member_gates(noisy_logits)  # [G, S, E]
-        routing = self.route_top_k(gates)
+        routing = self.route_top_k(gates, settings, capacity)
         per_member = logits.transpose(1, 2).reshape(g * m, s // m, e_m)  # groups x members
         aux = self.importance_weight * importance_loss(per_member.softmax(-1))
         if noisy:
             noisy_members = noisy_logits.transpose(1, 2).reshape(g * m, s // m, e_m)
-            threshold = torch.topk(noisy_members, self.k, dim=-1).values[..., -1:]
-            aux = aux + self.load_weight * load_loss(per_member, noisy_members, sigma, self.k, threshold=threshold)
+            threshold = torch.topk(noisy_members, settings.k, dim=-1).values[..., -1:]
+            aux = aux + self.load_weight * load_loss(per_member, noisy_members, sigma, settings.k, threshold=threshold)
         return RouterOutput(routing, aux)
 
     def extra_repr(self) -> str:

@@ -1,12 +1,13 @@
 """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens."""
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..routing import expert_choice_routing
+from ..settings import RoutingSettings
 from .base import Router, RouterOutput, register_router
 
 __all__ = ["ExpertChoiceRouter"]
@@ -23,32 +24,21 @@ class ExpertChoiceRouter(Router):
     dropped_fraction is redefined as the share of tokens no expert took (= dropped_tokens_fraction).
     """
 
-    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 2.0,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False) -> None:
-        if batch_priority:
-            raise ValueError("expert_choice has no batch priority: each expert ranks the tokens itself; "
-                             "got batch_priority=True")
-        super().__init__(num_experts, num_experts, capacity_factor, eval_capacity_factor, False, dim=dim)
+    experts_choose = True
+    # Each expert ranks the tokens itself: no per-token k and no batch priority.
+    settings_used = Router.settings_used - {"k", "batch_priority"}
 
-    @property
-    def batch_priority(self) -> bool:
-        return False
+    def __init__(self, dim: int, num_experts: int) -> None:
+        super().__init__(num_experts, dim=dim)
 
-    @batch_priority.setter
-    def batch_priority(self, value: bool) -> None:
-        if value:
-            raise ValueError("expert_choice has no batch priority; got batch_priority=True")
+    @classmethod
+    def default_settings(cls, num_experts: int) -> dict[str, Any]:
+        return {"k": num_experts, "capacity_factor": 2.0}  # EC-CF2
 
-    def capacity(self, group_size: int, training: bool | None = None) -> int:
-        """C = min(S, ceil(S * c / E)): tokens each expert takes from a group of S."""
-        training = self.training if training is None else training
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return max(1, min(group_size, math.ceil(group_size * factor / self.num_experts)))
-
-    def forward(self, x: Tensor) -> RouterOutput:
-        """x: [G, S, D] -> routing [G, S, E]."""
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int) -> RouterOutput:
+        """x: [G, S, D] -> routing [G, S, E]; capacity: tokens each expert takes."""
         scores = self.logits(x).softmax(-1)
-        routing = expert_choice_routing(scores, self.capacity(x.shape[-2]))
+        routing = expert_choice_routing(scores, capacity)
         with torch.no_grad():
             per_token = routing.kept.sum(-1).float()  # [G, S]
             metrics = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..checks import check_non_negative
+from ..settings import RoutingSettings
 from ..losses import gshard_loss
 from .base import Router, RouterOutput, register_router
 
@@ -21,18 +23,18 @@ class GShardRouter(Router):
     Loss: balance_weight * E^2 mean_e(frac_top1 * mean_gate) (the GShard auxiliary loss).
     """
 
-    def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
-                 balance_weight: float = 0.01) -> None:
-        if k != 2:
-            raise ValueError(f"gshard is top-2 routing (k=2), got k={k}; use switch for k=1 or vmoe/mixtral")
+    def __init__(self, dim: int, num_experts: int, balance_weight: float = 0.01) -> None:
         if num_experts < 2:
             raise ValueError(f"gshard needs num_experts >= 2, got {num_experts}")
-        super().__init__(num_experts, 2, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
-        self.check_non_negative(balance_weight=balance_weight)
+        super().__init__(num_experts, dim=dim)
+        check_non_negative(balance_weight=balance_weight)
         self.balance_weight = balance_weight
 
-    def forward(self, x: Tensor) -> RouterOutput:
+    def check_settings(self, settings: RoutingSettings) -> None:
+        if settings.k != 2:
+            raise ValueError(f"gshard is top-2 routing (k=2), got k={settings.k}; use switch for k=1 or vmoe/mixtral")
+
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, 2]."""
         logits = self.logits(x)
         gates = logits.softmax(-1)
@@ -42,7 +44,7 @@ class GShardRouter(Router):
         if self.training:
             second = 2.0 * weights[..., 1] >= torch.rand_like(weights[..., 1])
             keep = torch.stack([torch.ones_like(second), second], dim=-1)
-        routing = self.route(expert_index, weights, keep)
+        routing = self.route(expert_index, weights, settings, capacity, keep)
         balance = gshard_loss(gates)
         metrics = {"balance_loss": balance.detach()}
         if keep is not None:

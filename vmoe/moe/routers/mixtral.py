@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..checks import check_non_negative
+from ..settings import RoutingSettings
 from ..losses import expert_balance_loss, z_loss
 from .base import Router, RouterOutput, register_router
 
@@ -19,19 +21,17 @@ class MixtralRouter(Router):
     f*P loss (:func:`expert_balance_loss` on softmax(logits)); z_loss_weight > 0 adds the router z-loss.
     """
 
-    def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
-                 balance_weight: float = 0.0, z_loss_weight: float = 0.0) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
-        self.check_non_negative(balance_weight=balance_weight, z_loss_weight=z_loss_weight)
+    def __init__(self, dim: int, num_experts: int, balance_weight: float = 0.0, z_loss_weight: float = 0.0) -> None:
+        super().__init__(num_experts, dim=dim)
+        check_non_negative(balance_weight=balance_weight, z_loss_weight=z_loss_weight)
         self.balance_weight, self.z_loss_weight = balance_weight, z_loss_weight
 
-    def forward(self, x: Tensor) -> RouterOutput:
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K]."""
         logits = self.logits(x)
-        top_logits, expert_index = torch.topk(logits, self.k, dim=-1)
+        top_logits, expert_index = torch.topk(logits, settings.k, dim=-1)
         weights = top_logits.softmax(-1)
-        routing = self.route(expert_index, weights)
+        routing = self.route(expert_index, weights, settings, capacity)
         aux = logits.new_zeros(())
         metrics = {}
         if self.balance_weight > 0:

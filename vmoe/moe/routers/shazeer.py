@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_non_negative
+from ..settings import RoutingSettings
 from ..losses import importance_loss, noisy_top_k_load_loss
 from .base import Router, RouterOutput, float32_logits, register_router
 
@@ -23,15 +25,13 @@ class ShazeerRouter(Router):
     Parameters: weight [E, D], noise_weight [E, D].
     """
 
-    def __init__(self, dim: int, num_experts: int, k: int = 2, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
-                 importance_weight: float = 0.1, load_weight: float = 0.1) -> None:
-        super().__init__(num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
-        self.check_non_negative(importance_weight=importance_weight, load_weight=load_weight)
+    def __init__(self, dim: int, num_experts: int, importance_weight: float = 0.1, load_weight: float = 0.1) -> None:
+        super().__init__(num_experts, dim=dim)
+        check_non_negative(importance_weight=importance_weight, load_weight=load_weight)
         self.importance_weight, self.load_weight = importance_weight, load_weight
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, dim))
 
-    def forward(self, x: Tensor) -> RouterOutput:
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, K]."""
         clean = self.logits(x)
         if self.training:
@@ -39,15 +39,15 @@ class ShazeerRouter(Router):
             noisy = clean + torch.randn_like(clean) * sigma
         else:
             sigma, noisy = None, clean
-        top, expert_index = torch.topk(noisy, self.k, dim=-1)
+        top, expert_index = torch.topk(noisy, settings.k, dim=-1)
         weights = top.softmax(-1)
-        routing = self.route(expert_index, weights)
+        routing = self.route(expert_index, weights, settings, capacity)
         sparse_gates = torch.zeros_like(clean).scatter(-1, expert_index, weights)  # G(x) [G, S, E]
         importance = importance_loss(sparse_gates)
         aux = self.importance_weight * importance
         metrics = {"importance_loss": importance.detach()}
         if sigma is not None and self.load_weight > 0:
-            load = noisy_top_k_load_loss(clean, noisy, sigma, self.k)
+            load = noisy_top_k_load_loss(clean, noisy, sigma, settings.k)
             aux = aux + self.load_weight * load
             metrics.update(load_loss=load.detach(), noise_std_mean=sigma.mean().detach())
         return RouterOutput(routing, aux, metrics)

@@ -1,9 +1,13 @@
 """Switch Transformer router (Fedus et al. 2021): top-1, f*P balance loss, ST-MoE router z-loss."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from ..checks import check_non_negative
+from ..settings import RoutingSettings
 from ..losses import gshard_loss, z_loss
 from .base import Router, RouterOutput, register_router
 
@@ -21,25 +25,30 @@ class SwitchRouter(Router):
     it is off by default.
     """
 
-    def __init__(self, dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.05,
-                 eval_capacity_factor: float | None = None, batch_priority: bool = False,
-                 balance_weight: float = 0.01, z_loss_weight: float = 1e-3, jitter_eps: float = 0.0) -> None:
-        if k != 1:
-            raise ValueError(f"switch routes every token to exactly one expert (k=1), got k={k}; "
-                             "use gshard, mixtral or vmoe for k > 1")
-        super().__init__(num_experts, 1, capacity_factor, eval_capacity_factor, batch_priority, dim=dim)
-        self.check_non_negative(balance_weight=balance_weight, z_loss_weight=z_loss_weight)
+    def __init__(self, dim: int, num_experts: int, balance_weight: float = 0.01, z_loss_weight: float = 1e-3,
+                 jitter_eps: float = 0.0) -> None:
+        super().__init__(num_experts, dim=dim)
+        check_non_negative(balance_weight=balance_weight, z_loss_weight=z_loss_weight)
         if not 0 <= jitter_eps < 1:
             raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
         self.balance_weight, self.z_loss_weight, self.jitter_eps = balance_weight, z_loss_weight, jitter_eps
 
-    def forward(self, x: Tensor) -> RouterOutput:
+    @classmethod
+    def default_settings(cls, num_experts: int) -> dict[str, Any]:
+        return {**super().default_settings(num_experts), "k": 1}
+
+    def check_settings(self, settings: RoutingSettings) -> None:
+        if settings.k != 1:
+            raise ValueError(f"switch routes every token to exactly one expert (k=1), got k={settings.k}; "
+                             "use gshard, mixtral or vmoe for k > 1")
+
+    def forward(self, x: Tensor, settings: RoutingSettings, capacity: int) -> RouterOutput:
         """x: [G, S, D] -> routing [G, S, 1]."""
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         logits = self.logits(x)
         gates = logits.softmax(-1)
-        routing = self.route_top_k(gates)
+        routing = self.route_top_k(gates, settings, capacity)
         balance, zl = gshard_loss(gates), z_loss(logits)
         aux = self.balance_weight * balance + self.z_loss_weight * zl
         return RouterOutput(routing, aux, {"balance_loss": balance.detach(), "z_loss": zl.detach()})
