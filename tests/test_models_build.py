@@ -46,8 +46,8 @@ def test_create_vmoe_swaps_chosen_blocks_with_dense_mlp_settings():
             assert isinstance(mlp, MoEMlp) and mlp.num_experts == 4 and mlp.k == 2
             assert mlp.experts.fc1_weight.shape == (4, 128, 32) and mlp.experts.fc2_bias.shape == (4, 32)
             assert isinstance(mlp.experts.act, nn.GELU)
-            assert (mlp.capacity_factor, mlp.eval_capacity_factor, mlp.batch_priority) == (1.5, 2.0, True)
-            assert mlp.router.noise_std == 0.5
+            s = mlp.settings
+            assert (s.capacity_factor, s.eval_capacity_factor, s.batch_priority, s.noise_std) == (1.5, 2.0, True, 0.5)
         else:
             assert isinstance(block.mlp, timm.layers.Mlp)
     logits = model(torch.randn(3, 3, 16, 16))

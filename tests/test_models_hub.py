@@ -38,7 +38,8 @@ def test_create_vmoe_model_is_named_vmoe_and_round_trips_through_local_dir(tmp_p
     assert moe_block_indices(loaded) == [1, 3]
     assert [loaded.blocks[i].mlp.num_experts for i in (1, 3)] == [4, 8]
     layer = loaded.blocks[1].mlp
-    assert (layer.k, layer.capacity_factor, layer.eval_capacity_factor, layer.batch_priority) == (1, 2.0, 0.5, True)
+    s = layer.settings
+    assert (s.k, s.capacity_factor, s.eval_capacity_factor, s.batch_priority) == (1, 2.0, 0.5, True)
     assert _same_outputs(model, loaded, 1)
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key

@@ -49,7 +49,8 @@ def test_set_routing_on_every_layer():
     assert set_routing(model, eval_capacity_factor=0.5, batch_priority=True) == 2
     for i in (1, 3):
         mlp = model.blocks[i].mlp
-        assert (mlp.capacity_factor, mlp.eval_capacity_factor, mlp.batch_priority) == (1.0, 0.5, True)
+        s = mlp.settings
+        assert (s.capacity_factor, s.eval_capacity_factor, s.batch_priority) == (1.0, 0.5, True)
     model.eval()
     with torch.no_grad(), capture_routing(model) as routes:
         model(torch.randn(2, 3, 16, 16))

@@ -40,7 +40,7 @@ def test_paper_names_take_timm_and_moe_overrides():
                               representation_size=16, group_size=10, batch_priority=True).eval()
     assert isinstance(model, PreLogitsViT) and model.pre_logits.fc.weight.shape == (16, 32)
     assert model.head.weight.shape == (10, 16) and model.blocks[7].mlp.group_size == 10
-    assert model.blocks[7].mlp.batch_priority
+    assert model.blocks[7].mlp.settings.batch_priority
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
     model.reset_classifier(4)

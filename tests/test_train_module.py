@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from vmoe.moe import iter_moe_layers
+from vmoe.moe import RoutingSettings, iter_moe_layers
 from vmoe.train import ImageClassifier, warmup_decay_factor
 from vmoe.train.data import DigitsDataModule
 
@@ -42,18 +42,19 @@ def test_parameter_groups_skip_decay_on_biases_norms_and_embeddings():
     assert len(decayed) + len(skipped) == len(names)
 
 
-def test_eval_routing_settings_reach_every_moe_layer():
+def test_routing_settings_reach_every_moe_layer_once():
     m = ImageClassifier(**{**TINY, "model_kwargs": {**TINY["model_kwargs"], "depth": 4}}, num_experts=4,
-                        eval_capacity_factor=0.5, batch_priority=True)
-    for _, layer in iter_moe_layers(m.model):  # changed behind the module's back, e.g. by set_routing
-        layer.eval_capacity_factor, layer.batch_priority = 3.0, False
-    m.on_test_start()
+                        eval_capacity_factor=0.5, batch_priority=True, group_size=17, bfloat16_dispatch=True)
     layers = [layer for _, layer in iter_moe_layers(m.model)]
     assert len(layers) == 2
-    assert all(layer.eval_capacity_factor == 0.5 and layer.batch_priority for layer in layers)
-    m.hparams.eval_capacity_factor = None  # None: the training factor
-    m.on_validation_start()
-    assert all(layer.eval_capacity_factor == layer.capacity_factor == 1.05 for layer in layers)
+    assert all(layer.settings == RoutingSettings(k=2, capacity_factor=1.05, eval_capacity_factor=0.5,
+                                                 batch_priority=True, group_size=17, noise_std=1.0,
+                                                 bfloat16_dispatch=True) for layer in layers)
+    m = ImageClassifier(**TINY, num_experts=4)  # None: the training factor
+    assert all(layer.settings.eval_capacity_factor == layer.settings.capacity_factor == 1.05
+               for _, layer in iter_moe_layers(m.model))
+    # the module no longer pushes settings at stage starts: a set_routing change stays
+    assert not hasattr(m, "apply_routing_settings")
 
 
 def test_bad_arguments():

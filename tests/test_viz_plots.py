@@ -61,13 +61,13 @@ def test_marked_patches_equal_the_captured_routing():
 def test_routing_settings_restore_and_route_does_not_leak():
     model = tiny_vmoe()
     layer = model.blocks[1].mlp
+    before = layer.settings
     with routing_settings(model, eval_capacity_factor=0.25, batch_priority=True):
-        assert layer.eval_capacity_factor == 0.25 and layer.batch_priority
-    assert layer.routing.eval_capacity_factor is None and layer.eval_capacity_factor == 1.0  # follows training again
-    assert not layer.batch_priority
+        assert layer.settings.eval_capacity_factor == 0.25 and layer.settings.batch_priority
+    assert layer.settings == before and before.eval_capacity_factor == 1.0 and not before.batch_priority
     model.train()
     route(model, torch.randn(2, 1, 16, 16), eval_capacity_factor=0.5)
-    assert model.training and layer.eval_capacity_factor == 1.0
+    assert model.training and layer.settings == before
 
 
 def test_expert_map_and_load_draw_the_routing():
@@ -218,7 +218,7 @@ def test_mixed_soft_and_top_k_blocks_are_handled_per_block():
     images, labels = torch.randn(3, 1, 16, 16), torch.tensor([0, 2, 1])
     _, routings = route(model, images, eval_capacity_factor=0.3, batch_priority=True)  # acts on block 0 only
     assert routings[0].kept.float().mean() < 1 and routings[1].kept.all() and routings[1].expert_index.shape[-1] == 1
-    assert topk.eval_capacity_factor == 1.0 and not topk.batch_priority  # put back
+    assert topk.settings.eval_capacity_factor == 1.0 and not topk.settings.batch_priority  # put back
     loads, capacity = loads_and_capacity(model, routings, eval_capacity_factor=0.3)
     # 3 images x 17 tokens x K=2 = 102 choices over 4 experts at 0.3 -> ceil(7.65) = 8 slots (a multiple of 4)
     assert capacity == {0: 8, 1: None} and loads[1][0].sum() == 51 and loads[1][1].sum() == 0
