@@ -1,5 +1,5 @@
 """The vmoe_timm_* names (timm-shaped V-MoEs for upcycling): build, forward, real configs, pretrained loading
-that upcycles dense weights, and the deprecated names without timm_."""
+that upcycles dense weights."""
 import pytest
 import timm
 import torch
@@ -7,7 +7,6 @@ from safetensors.torch import save_file
 
 import vmoe  # noqa: F401  (registers the names)
 from vmoe.models import UPCYCLE_FROM, VMOE_MODELS, moe_block_indices
-from vmoe.models.registry import DEPRECATED_NAMES
 
 NAMES = ["vmoe_timm_ti16_e8_every2", "vmoe_timm_s16_e8_every2", "vmoe_timm_s32_e8_last2", "vmoe_timm_b16_e8_every2",
          "vmoe_timm_b32_e8_last2", "vmoe_timm_l16_e8_every2"]
@@ -97,15 +96,3 @@ def test_pretrained_from_hub_fetches_the_dense_weights(tmp_path, monkeypatch):
     _check_experts_copy_dense(model, dense)
     assert torch.equal(model.head.weight, dense.head.weight)  # same 1000 classes: the head is kept
     assert torch.count_nonzero(model.blocks[1].mlp.router.weight) == 0
-
-
-@pytest.mark.parametrize("old", sorted(DEPRECATED_NAMES))
-def test_old_names_build_the_same_timm_shaped_model_with_a_warning(old):
-    new = DEPRECATED_NAMES[old]
-    assert new in NAMES and timm.models.get_pretrained_cfg(old).hf_hub_id == timm.models.get_pretrained_cfg(new).hf_hub_id
-    with pytest.warns(FutureWarning, match=f"{old}.*deprecated.*{new}"):
-        with torch.device("meta"):
-            model = timm.create_model(old)
-    with torch.device("meta"):
-        same = timm.create_model(new)
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in same.state_dict().items()}

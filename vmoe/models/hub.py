@@ -29,9 +29,8 @@ from .build import convert_to_moe
 from .naming import GENERIC_NAME, is_vmoe_architecture, record_moe_args
 from .upcycle import upcycle_state_dict
 
-__all__ = ["save_pretrained", "record_moe_args", "GENERIC_NAME", "MOE_ARG_NAMES"]
+__all__ = ["save_pretrained", "record_moe_args", "GENERIC_NAME"]
 
-MOE_ARG_NAMES = MoEConfig.field_names()
 _UPCYCLE_ARGS = ("expert_noise", "router_init_std")
 
 # No weights of its own: pretrained=True needs a file, a local dir or a hub id holding V-MoE or dense weights.

@@ -2,8 +2,7 @@
 
 These are timm's ViT-Ti/S/B/L backbones (e.g. ViT-S = 384 wide, 12 blocks) with MoE blocks, named
 ``vmoe_timm_*``; the paper's own V-MoE architectures (e.g. V-MoE-S/32 = 512 wide, 8 blocks) are in
-:mod:`vmoe.models.paper`. The older names without ``timm_`` (``vmoe_s32_e8_last2``, ...) build the same
-timm-shaped models with a FutureWarning and will be removed.
+:mod:`vmoe.models.paper`.
 
 ``timm.create_model("vmoe_timm_s16_e8_every2", pretrained=False, img_size=32, num_classes=10)`` builds a
 randomly initialised V-MoE; ``pretrained=True`` makes timm fetch the dense ViT weights named in the
@@ -14,7 +13,6 @@ num_experts, k, capacity_factor, ...), and expert_noise / router_init_std for up
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -25,7 +23,7 @@ from ..moe import MoEConfig
 from .build import convert_to_moe
 from .hub import _upcycle_filter as hub_upcycle_filter
 
-__all__ = ["VMOE_MODELS", "UPCYCLE_FROM", "DEPRECATED_NAMES"]
+__all__ = ["VMOE_MODELS", "UPCYCLE_FROM"]
 
 _TAG = "augreg_in21k_ft_in1k"
 
@@ -46,8 +44,6 @@ VMOE_MODELS: dict[str, tuple[dict[str, int], dict[str, Any], str]] = {
                            dict(moe_layers="every-2", num_experts=8), f"vit_large_patch16_224.{_TAG}"),
 }
 UPCYCLE_FROM = {name: dense for name, (_, _, dense) in VMOE_MODELS.items()}
-# Old names (before the paper's architectures got names of their own) -> the same timm-shaped model.
-DEPRECATED_NAMES = {name.replace("vmoe_timm_", "vmoe_"): name for name in VMOE_MODELS}
 
 
 def _cfg(dense: str) -> dict[str, Any]:
@@ -60,9 +56,7 @@ def _cfg(dense: str) -> dict[str, Any]:
         notes=(f"upcycle_from={dense}",))
 
 
-default_cfgs = generate_default_cfgs(
-    {f"{name}.{_TAG}": _cfg(UPCYCLE_FROM[new]) for name, new in [*zip(VMOE_MODELS, VMOE_MODELS),
-                                                                 *DEPRECATED_NAMES.items()]})
+default_cfgs = generate_default_cfgs({f"{name}.{_TAG}": _cfg(dense) for name, dense in UPCYCLE_FROM.items()})
 
 
 def _vit_moe(moe: MoEConfig, **vit_kwargs) -> nn.Module:
@@ -87,14 +81,6 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
         **{**vit_args, **kwargs})
 
 
-def _deprecated(old: str, pretrained: bool, **kwargs) -> VisionTransformer:
-    new = DEPRECATED_NAMES[old]
-    warnings.warn(f"the timm name {old!r} is deprecated: it builds timm's ViT shape, not the paper's V-MoE "
-                  f"architecture; use {new!r} (the same model) or a vmoe_paper_* name (see vmoe.models.paper)",
-                  FutureWarning, stacklevel=3)
-    return _create(new, pretrained, **kwargs)
-
-
 def _entrypoint(name: str, doc: str, create) -> None:
     def entry(pretrained: bool = False, **kwargs) -> VisionTransformer:
         return create(name, pretrained, **kwargs)
@@ -115,4 +101,3 @@ _DOCS = {
 }
 for _suffix, _doc in _DOCS.items():
     _entrypoint(f"vmoe_timm_{_suffix}", f"{_doc}; upcycles timm's dense augreg weights.", _create)
-    _entrypoint(f"vmoe_{_suffix}", f"Deprecated name of vmoe_timm_{_suffix} ({_doc}).", _deprecated)

@@ -1,5 +1,5 @@
 """Training and evaluation through Lightning: the ImageClassifier module, DataModules and the `vmoe` CLI."""
-from .module import ImageClassifier, build_network
+from .module import ImageClassifier
 from .schedule import warmup_decay_factor
 
-__all__ = ["ImageClassifier", "build_network", "warmup_decay_factor"]
+__all__ = ["ImageClassifier", "warmup_decay_factor"]

@@ -19,14 +19,13 @@ from lightning import LightningDataModule
 
 from ..argv import bracket_lists, flag_value
 from ..io import atomic_write
-from ..train.from_checkpoint import (data_defaults_from_checkpoint, load_classifier,  # noqa: F401 (re-exported)
-                                     resolve_data_config)
+from ..train.from_checkpoint import data_defaults_from_checkpoint, load_classifier
 from .collect import capacity_blocks, collect_routing_stats, moe_blocks, no_capacity_message
 from .plots import plot_capacity_sweep
 from .report import class_names, dropped_patches_note, routing_figures, save_figure
 from .sweep import DEFAULT_CAPACITY_FACTORS, MODES, capacity_sweep, check_sweepable, format_sweep_table
 
-__all__ = ["visualize_main", "sweep_main", "visualize", "sweep", "load_classifier", "resolve_data_config"]
+__all__ = ["visualize_main", "sweep_main", "visualize", "sweep"]
 
 _LIST_FLAGS = ("--capacity_factors", "--modes")
 _VISUALIZE_FACTORS = [0.5, 1.0]  # the dropped-patch pictures when --capacity_factors is not given
@@ -141,7 +140,7 @@ def _check_factors_apply(network: torch.nn.Module) -> None:
 
 
 def sweep_main(argv: list[str] | None = None) -> None:
-    """Entry of ``vmoe sweep`` and scripts/capacity_sweep.py (returns None: exit status 0)."""
+    """Entry of ``vmoe sweep`` (returns None: exit status 0)."""
     sweep(argv)
 
 
