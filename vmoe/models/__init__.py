@@ -5,7 +5,7 @@ from .checkpoint import (check_state_dict, extract_state_dict, load_weights, rea
                          save_weights)
 from .ensemble import EnsembleVisionTransformer, to_ensemble
 from .flops import ModelCost, flops_table, model_cost
-from .reference import infer_architecture, load_reference, read_reference_checkpoint
+from .jax_checkpoint import infer_architecture, load_reference, read_reference_checkpoint
 from .hub import save_pretrained  # also registers the generic "vmoe" timm name
 from .registry import UPCYCLE_FROM, VMOE_MODELS
 from .moe_layers import (aux_loss, block_index, capture_routing, moe_block_indices, moe_layers_by_block,

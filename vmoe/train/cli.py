@@ -34,7 +34,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "visualize": "vmoe.viz.cli:visualize_main",
     "sweep": "vmoe.viz.cli:sweep_main",
     "flops": "vmoe.models.flops:main",
-    "convert": "vmoe.models.reference.cli:convert_main",
+    "convert": "vmoe.models.jax_checkpoint.cli:convert_main",
     "export": "vmoe.train.export:main", "fewshot": "vmoe.eval.cli:fewshot_main",
 }
 EXTRA_HELP: dict[str, str] = {
