@@ -33,7 +33,7 @@ __all__ = ["main", "run", "VMoECLI", "UsageError", "DEBUG_ENV", "EXTRA_COMMANDS"
 EXTRA_COMMANDS: dict[str, str] = {
     "visualize": "vmoe.viz.cli:visualize_main",
     "sweep": "vmoe.viz.cli:sweep_main",
-    "flops": "vmoe.models.flops:main",
+    "flops": "vmoe.train.flops_cli:main",
     "convert": "vmoe.models.jax_checkpoint.cli:convert_main",
     "export": "vmoe.train.export:main", "fewshot": "vmoe.eval.cli:fewshot_main",
 }
