@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import vmoe  # noqa: F401  (registers the names)
-from vmoe.models import UPCYCLE_FROM, VMOE_MODELS, moe_block_indices
+from vmoe.models import TIMM_NAMES, UPCYCLE_FROM, moe_block_indices
 
 NAMES = ["vmoe_timm_ti16_e8_every2", "vmoe_timm_s16_e8_every2", "vmoe_timm_s32_e8_last2", "vmoe_timm_b16_e8_every2",
          "vmoe_timm_b32_e8_last2", "vmoe_timm_l16_e8_every2"]
@@ -25,7 +25,7 @@ def test_names_are_registered_with_dense_pretrained_cfg():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_each_name_builds_and_runs_forward_at_small_img_size(name):
-    vit_args, _, _ = VMOE_MODELS[name]
+    vit_args = TIMM_NAMES[name].vit
     patch = vit_args["patch_size"]
     # narrow for speed; the real widths are built (on meta) by the next test
     model = timm.create_model(name, pretrained=False, img_size=2 * patch, num_classes=10, **SMALL).eval()
@@ -40,7 +40,7 @@ def test_each_name_builds_and_runs_forward_at_small_img_size(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_real_configs_build_on_meta_with_expected_parameter_count(name):
-    vit_args, _, dense_name = VMOE_MODELS[name]
+    vit_args, dense_name = TIMM_NAMES[name].vit, UPCYCLE_FROM[name]
     with torch.device("meta"):
         model = timm.create_model(name)
         dense = timm.create_model(dense_name.split(".")[0])
