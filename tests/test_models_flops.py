@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vmoe.models import create_vmoe, model_cost
-from vmoe.models.flops import main
+from vmoe.train.flops_cli import main
 
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 
@@ -131,7 +131,7 @@ def test_soft_moe_count_matches_flop_counter_and_main(capsys):
 
 def config_table(tmp_path, router_lines: str) -> str:
     """vmoe flops --config's table for a tiny digits-sized config with the given router lines."""
-    from vmoe.models.flops_config import config_cost_table
+    from vmoe.train.flops_cli import config_cost_table
     cfg = tmp_path / "model.yaml"
     cfg.write_text("model:\n  backbone: vit_tiny_patch16_224\n  model_kwargs: {patch_size: 4, embed_dim: 32, depth: 2,"
                    " num_heads: 2}\n  img_size: 16\n  num_classes: 10\n  moe_layers: every-2\n  num_experts: 4\n"

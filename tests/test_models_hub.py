@@ -11,7 +11,7 @@ import yaml
 
 import vmoe  # noqa: F401  (registers the timm names)
 from vmoe.models import create_vmoe, moe_block_indices, save_pretrained
-from vmoe.train.cli import main
+from vmoe.cli import main
 from vmoe.train.module import ImageClassifier
 
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)

@@ -1,13 +1,12 @@
 """The vmoe_timm_* names (timm-shaped V-MoEs for upcycling): build, forward, real configs, pretrained loading
-that upcycles dense weights, and the deprecated names without timm_."""
+that upcycles dense weights."""
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
 import vmoe  # noqa: F401  (registers the names)
-from vmoe.models import UPCYCLE_FROM, VMOE_MODELS, moe_block_indices
-from vmoe.models.registry import DEPRECATED_NAMES
+from vmoe.models import TIMM_NAMES, UPCYCLE_FROM, moe_block_indices
 
 NAMES = ["vmoe_timm_ti16_e8_every2", "vmoe_timm_s16_e8_every2", "vmoe_timm_s32_e8_last2", "vmoe_timm_b16_e8_every2",
          "vmoe_timm_b32_e8_last2", "vmoe_timm_l16_e8_every2"]
@@ -26,7 +25,7 @@ def test_names_are_registered_with_dense_pretrained_cfg():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_each_name_builds_and_runs_forward_at_small_img_size(name):
-    vit_args, _, _ = VMOE_MODELS[name]
+    vit_args = TIMM_NAMES[name].vit
     patch = vit_args["patch_size"]
     # narrow for speed; the real widths are built (on meta) by the next test
     model = timm.create_model(name, pretrained=False, img_size=2 * patch, num_classes=10, **SMALL).eval()
@@ -41,7 +40,7 @@ def test_each_name_builds_and_runs_forward_at_small_img_size(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_real_configs_build_on_meta_with_expected_parameter_count(name):
-    vit_args, _, dense_name = VMOE_MODELS[name]
+    vit_args, dense_name = TIMM_NAMES[name].vit, UPCYCLE_FROM[name]
     with torch.device("meta"):
         model = timm.create_model(name)
         dense = timm.create_model(dense_name.split(".")[0])
@@ -97,15 +96,3 @@ def test_pretrained_from_hub_fetches_the_dense_weights(tmp_path, monkeypatch):
     _check_experts_copy_dense(model, dense)
     assert torch.equal(model.head.weight, dense.head.weight)  # same 1000 classes: the head is kept
     assert torch.count_nonzero(model.blocks[1].mlp.router.weight) == 0
-
-
-@pytest.mark.parametrize("old", sorted(DEPRECATED_NAMES))
-def test_old_names_build_the_same_timm_shaped_model_with_a_warning(old):
-    new = DEPRECATED_NAMES[old]
-    assert new in NAMES and timm.models.get_pretrained_cfg(old).hf_hub_id == timm.models.get_pretrained_cfg(new).hf_hub_id
-    with pytest.warns(FutureWarning, match=f"{old}.*deprecated.*{new}"):
-        with torch.device("meta"):
-            model = timm.create_model(old)
-    with torch.device("meta"):
-        same = timm.create_model(new)
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in same.state_dict().items()}

@@ -195,21 +195,21 @@ def test_upcycle_timm_name_uses_timm_pretrained_loading(monkeypatch):
 def test_resampled_embeddings_are_logged_with_their_sizes(tmp_path, caplog):
     dense = dense_vit(img_size=16, num_classes=5)
     torch.save(dense.state_dict(), tmp_path / "dense.pth")
-    with caplog.at_level("WARNING", logger="vmoe.models.upcycle"):
+    with caplog.at_level("WARNING", logger="vmoe.models.upcycle_weights"):
         upcycle(tmp_path / "dense.pth", BACKBONE, num_experts=2, img_size=24, num_classes=5, **ARCH)
-    lines = [r.getMessage() for r in caplog.records if r.name == "vmoe.models.upcycle"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "vmoe.models.upcycle_weights"]
     assert lines == ["upcycling: resampled pos_embed from (1, 17, 32) to (1, 37, 32) (17 -> 37 positions "
                      "(image size (24, 24)))"]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="vmoe.models.upcycle"):
+    with caplog.at_level("WARNING", logger="vmoe.models.upcycle_weights"):
         upcycle(tmp_path / "dense.pth", BACKBONE, num_experts=2, img_size=16, num_classes=5,
                 **{**ARCH, "patch_size": 8})
-    lines = [r.getMessage() for r in caplog.records if r.name == "vmoe.models.upcycle"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "vmoe.models.upcycle_weights"]
     assert lines == ["upcycling: resampled patch_embed.proj.weight from (32, 3, 4, 4) to (32, 3, 8, 8) "
                      "(patch size (4, 4) -> (8, 8))",
                      "upcycling: resampled pos_embed from (1, 17, 32) to (1, 5, 32) (17 -> 5 positions "
                      "(image size (16, 16)))"]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="vmoe.models.upcycle"):
+    with caplog.at_level("WARNING", logger="vmoe.models.upcycle_weights"):
         upcycle(tmp_path / "dense.pth", BACKBONE, num_experts=2, img_size=16, num_classes=5, **ARCH)
-    assert not [r for r in caplog.records if r.name == "vmoe.models.upcycle"]  # same sizes: nothing to say
+    assert not [r for r in caplog.records if r.name == "vmoe.models.upcycle_weights"]  # same sizes: nothing to say

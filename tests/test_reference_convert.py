@@ -10,7 +10,7 @@ import torch
 
 from vmoe.models import create_vmoe, load_reference, load_weights
 from vmoe.models.ensemble import EnsemblePreLogitsViT
-from vmoe.train.cli import main
+from vmoe.cli import main
 
 DATA = Path(__file__).parent / "data" / "vmoe_reference"
 

@@ -11,7 +11,7 @@ from reference_numpy import forward as numpy_forward
 from reference_writer import grid_chunks, random_tree, write_checkpoint
 from vmoe.models import capture_routing, infer_architecture, load_reference, read_reference_checkpoint
 from vmoe.models.ensemble import EnsemblePreLogitsViT
-from vmoe.models.reference import build_reference_model
+from vmoe.models.jax_checkpoint import build_reference_model
 from vmoe.models.vit_prelogits import PreLogitsViT
 
 DATA = Path(__file__).parent / "data" / "vmoe_reference"

@@ -8,7 +8,7 @@ import pytest
 
 from reference_writer import grid_chunks, random_tree, write_checkpoint
 from vmoe.models import read_reference_checkpoint
-from vmoe.models.reference import ReferenceCheckpointError, read_reference_index
+from vmoe.models.jax_checkpoint import ReferenceCheckpointError, read_reference_index
 
 DATA = Path(__file__).parent / "data" / "vmoe_reference"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vmoe.train import ImageClassifier
-from vmoe.train.cli import main
+from vmoe.cli import main
 from vmoe.train.mixup import build_mixup, mix_batch, soft_target_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from vmoe.train.cli import main, run
+from vmoe.cli import main, run
 from vmoe.train.data import DigitsDataModule
 from vmoe.train.module import ImageClassifier
 from vmoe.viz.callback import RoutingPictures

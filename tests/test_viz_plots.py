@@ -7,11 +7,12 @@ import torch
 from matplotlib.colors import to_rgba
 from timm.models.vision_transformer import VisionTransformer
 
+from vmoe.models import routing_settings
 from vmoe.moe import MoEMlp, SoftMoEMlp
 from vmoe.viz import (DROPPED, PARTIAL, capacity_sweep, collect_routing_stats, display_images, format_sweep_table,
                       loads_and_capacity, mcnemar_p_value, patch_layout, patch_status, plot_capacity_sweep,
                       plot_class_expert_share, plot_dropped_patches, plot_expert_load, plot_expert_map, route,
-                      routing_figures, routing_settings, top1_expert_map)
+                      routing_figures, top1_expert_map)
 from vmoe.viz.collect import layer_capacity
 from vmoe.viz.report import dropped_patches_note
 from vmoe.viz.plots import DROP_COLOR, PARTIAL_HATCH

@@ -18,9 +18,9 @@ import torch
 
 from ..argv import bracket_lists, flag_value
 from ..io import atomic_write
+from ..progress import progress
 from .features import few_shot_features
 from .fewshot import DEFAULT_L2_GRID, fewshot_evaluate, format_fewshot_table
-from .progress import progress
 
 __all__ = ["fewshot_main", "fewshot", "default_output"]
 

@@ -1,22 +1,24 @@
-"""timm integration: V-MoE models from timm ViTs, registry names, upcycling, checkpoints, routing helpers."""
-from . import paper, registry, vit_prelogits  # noqa: F401  (registers the vmoe_* names with timm)
-from .build import convert_to_moe, create_vmoe, mlp_config, parse_moe_layers, upcycle
-from .checkpoint import (check_state_dict, extract_state_dict, load_weights, read_checkpoint, read_state_dict,
-                         save_weights)
-from .ensemble import EnsembleVisionTransformer, to_ensemble
-from .flops import ModelCost, flops_table, model_cost
-from .reference import infer_architecture, load_reference, read_reference_checkpoint
-from .hub import save_pretrained  # also registers the generic "vmoe" timm name
-from .registry import UPCYCLE_FROM, VMOE_MODELS
-from .moe_layers import (aux_loss, block_index, capture_routing, moe_block_indices, moe_layers_by_block,
-                         routing_settings, set_routing)
-from .upcycle import upcycle_state_dict
+"""timm integration: V-MoE models from timm ViTs, registry names, upcycling, checkpoints, routing helpers.
 
-__all__ = [
-    "create_vmoe", "convert_to_moe", "parse_moe_layers", "mlp_config", "upcycle", "upcycle_state_dict",
-    "save_weights", "load_weights", "read_checkpoint", "read_state_dict", "extract_state_dict", "check_state_dict",
-    "block_index", "moe_block_indices", "moe_layers_by_block", "aux_loss", "set_routing", "routing_settings",
-    "capture_routing",
-    "ModelCost", "model_cost", "flops_table", "VMOE_MODELS", "UPCYCLE_FROM",
-    "read_reference_checkpoint", "infer_architecture", "load_reference", "EnsembleVisionTransformer", "to_ensemble", "save_pretrained",
-]
+Importing the package registers the timm names (:mod:`.timm_names`); every other name below is imported from
+its module on first use.
+"""
+from ..lazy import lazy_names
+from . import timm_names  # noqa: F401  (registers the vmoe timm names)
+
+_NAMES = {
+    **dict.fromkeys(["create_vmoe", "convert_to_moe", "parse_moe_layers", "mlp_config", "upcycle"], "vmoe.models.build"),
+    **dict.fromkeys(["save_weights", "load_weights", "read_checkpoint", "read_state_dict", "extract_state_dict",
+                     "check_state_dict"], "vmoe.models.checkpoint"),
+    **dict.fromkeys(["EnsembleVisionTransformer", "to_ensemble"], "vmoe.models.ensemble"),
+    **dict.fromkeys(["ModelCost", "model_cost", "flops_table"], "vmoe.models.flops"),
+    **dict.fromkeys(["read_reference_checkpoint", "infer_architecture", "load_reference"],
+                    "vmoe.models.jax_checkpoint"),
+    "save_pretrained": "vmoe.models.hub",
+    **dict.fromkeys(["TIMM_NAMES", "UPCYCLE_FROM"], "vmoe.models.timm_names"),
+    **dict.fromkeys(["block_index", "moe_block_indices", "moe_layers_by_block", "aux_loss", "set_routing",
+                     "routing_settings", "capture_routing"], "vmoe.models.moe_layers"),
+    "upcycle_state_dict": "vmoe.models.upcycle_weights",
+}
+__all__ = list(_NAMES)
+__getattr__, __dir__ = lazy_names(__name__, _NAMES)

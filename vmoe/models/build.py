@@ -18,9 +18,9 @@ from torch import nn
 from ..moe import MoEConfig, build_moe_mlp
 from .checkpoint import load_weights, read_state_dict
 from .ensemble import to_ensemble
-from .finetune import finetune_state_dict
 from .naming import record_moe_args
-from .upcycle import upcycle_state_dict
+from .starting_weights import starting_state_dict
+from .upcycle_weights import upcycle_state_dict
 
 __all__ = ["parse_moe_layers", "mlp_config", "convert_to_moe", "create_vmoe", "build_network", "upcycle"]
 
@@ -150,13 +150,7 @@ def _load_starting_weights(model: nn.Module, checkpoint_path: str | os.PathLike,
     """V-MoE weights (with expert tensors) load strictly, resampling the position embedding and resetting a
     head of another size (fine-tuning); dense ViT weights are upcycled."""
     state = read_state_dict(checkpoint_path)
-    if any(".experts." in key for key in state):
-        if upcycle_kwargs:
-            raise ValueError(f"upcycle_kwargs given but {os.fspath(checkpoint_path)!r} already holds "
-                             "V-MoE weights (expert tensors); nothing is upcycled")
-        load_weights(model, finetune_state_dict(state, model))  # new image size / class count: resample, reset head
-    else:
-        model.load_state_dict(upcycle_state_dict(state, model, **(upcycle_kwargs or {})))
+    load_weights(model, starting_state_dict(state, model, upcycle_kwargs, source=repr(os.fspath(checkpoint_path))))
 
 
 def create_vmoe(

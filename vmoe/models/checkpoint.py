@@ -7,14 +7,14 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..io import atomic_path
 
-__all__ = ["read_checkpoint", "read_state_dict", "extract_state_dict", "check_state_dict", "save_weights", "load_weights"]
+__all__ = ["holds_experts", "read_checkpoint", "read_state_dict", "extract_state_dict", "check_state_dict", "save_weights", "load_weights"]
 
 _log = logging.getLogger(__name__)
 _TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
@@ -22,6 +22,12 @@ _TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The LightningModule attribute that holds the network (vmoe.train.module.ImageClassifier.model).
 LIGHTNING_PREFIX = "model."
+
+
+def holds_experts(keys: Iterable[str]) -> bool:
+    """True for V-MoE weights: some key (of a state dict, or a list of keys) names an expert tensor
+    (``blocks.i.mlp.experts.*``). The one test of "V-MoE or dense weights?" (see :mod:`.starting_weights`)."""
+    return any(".experts." in key for key in keys)
 
 
 def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -207,7 +213,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     lines += [f"  unexpected: {key} {tuple(state[key].shape)}" for key in unexpected]
     lines += [f"  mismatched: {key} checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
               for key in mismatched]
-    if any(".experts." in key for key in missing) and not any(".experts." in key for key in state):
+    if holds_experts(missing) and not holds_experts(state):
         lines.append("  (these look like dense ViT weights: use vmoe.models.upcycle to start a V-MoE from them)")
     elif any(".experts." in key or ".mlp.fc" in key for key in missing + unexpected):
         lines.append("  (the MoE placement differs: compare the blocks whose mlp keys are missing/unexpected)")

@@ -19,7 +19,7 @@ from torch import nn
 from ..moe import MoEBlock, SoftMoEMlp, is_moe_layer
 from .build import create_vmoe
 
-__all__ = ["ModelCost", "model_cost", "choices_per_token", "flops_table", "report", "main"]
+__all__ = ["ModelCost", "model_cost", "choices_per_token", "flops_table", "report"]
 
 
 @dataclass(frozen=True)
@@ -175,28 +175,3 @@ def report(
     print(table)
     return table
 
-
-def main(argv: list[str] | None = None) -> None:
-    """``vmoe flops --backbone vit_small_patch16_224 --num_experts 8 --k 2 --moe_layers every-2``, or
-    ``vmoe flops --config configs/quickstart.yaml [--config more.yaml]`` for the model of a training config."""
-    import sys
-
-    from jsonargparse import CLI
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "--config" or a.startswith("--config=") for a in args):
-        from .flops_config import config_cost_table
-
-        paths, rest, it = [], [], iter(args)
-        for a in it:
-            if a == "--config":
-                paths.append(next(it, None) or "")
-            elif a.startswith("--config="):
-                paths.append(a.split("=", 1)[1])
-            else:
-                rest.append(a)
-        if rest or not all(paths):
-            raise SystemExit(f"vmoe flops --config takes only (repeated) --config FILE; got also {rest or 'an empty path'}")
-        print(config_cost_table(paths))
-        return
-    CLI(report, args=args, as_positional=False, allow_abbrev=False)

@@ -1,4 +1,4 @@
-"""Share a V-MoE the timm way: ``save_pretrained`` and the generic ``vmoe`` timm name.
+"""Share a V-MoE the timm way: ``save_pretrained``, read back by timm through the generic ``vmoe`` name.
 
 ``save_pretrained(model, dir)`` writes ``config.json`` (timm's format: ``architecture``, ``model_args``,
 ``pretrained_cfg``) and ``model.safetensors``; after ``import vmoe``,
@@ -7,71 +7,24 @@ expert counts and routing settings) with its weights loaded as they are, and so 
 folder is uploaded (``timm.models.push_to_hf_hub`` or ``huggingface-cli upload``).
 
 A V-MoE built from any timm ViT (``create_vmoe`` / ``convert_to_moe``) calls itself ``vmoe``: the generic name
-below, whose ``model_args`` hold the dense ``backbone`` and the MoE settings. The ``vmoe_*`` names of the
-registry keep their own names.
+of :mod:`vmoe.models.timm_names`, whose ``model_args`` hold the dense ``backbone`` and the MoE settings. The
+``vmoe_*`` names keep their own names.
 """
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
-import timm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from ..io import atomic_path
-from ..moe import MoEConfig, iter_moe_layers
-from .build import convert_to_moe
-from .naming import GENERIC_NAME, is_vmoe_architecture, record_moe_args
-from .upcycle import upcycle_state_dict
+from ..moe import iter_moe_layers
+from .naming import is_vmoe_architecture
 
-__all__ = ["save_pretrained", "record_moe_args", "GENERIC_NAME", "MOE_ARG_NAMES"]
-
-MOE_ARG_NAMES = MoEConfig.field_names()
-_UPCYCLE_ARGS = ("expert_noise", "router_init_std")
-
-# No weights of its own: pretrained=True needs a file, a local dir or a hub id holding V-MoE or dense weights.
-default_cfgs = generate_default_cfgs({GENERIC_NAME: dict(
-    num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9, interpolation="bicubic",
-    fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), first_conv="patch_embed.proj",
-    classifier="head", license="apache-2.0", paper_ids="arXiv:2106.05974",
-    description="V-MoE on any timm ViT backbone (model_args: backbone + MoE settings)")})
-
-
-def _upcycle_filter(state_dict: dict, model: nn.Module, upcycle_kwargs: dict[str, Any]) -> dict:
-    """timm's pretrained filter: V-MoE weights (with expert tensors) load as they are, dense weights are
-    upcycled into the V-MoE (every expert a copy of its block's MLP)."""
-    if any(".experts." in key for key in state_dict):
-        if upcycle_kwargs:
-            raise ValueError(f"upcycle arguments {sorted(upcycle_kwargs)} given, but the pretrained weights are "
-                             "already a V-MoE's (they hold expert tensors); nothing is upcycled")
-        return state_dict
-    try:
-        return upcycle_state_dict(state_dict, model, **upcycle_kwargs)
-    except TypeError as err:  # timm would retry a TypeError-raising filter with one argument
-        raise RuntimeError(f"upcycling the pretrained weights failed: {err}") from err
-
-
-def _build_vmoe(backbone: str, moe: MoEConfig, **vit_kwargs) -> nn.Module:
-    return convert_to_moe(timm.create_model(backbone, pretrained=False, **vit_kwargs), moe)
-
-
-@register_model
-def vmoe(pretrained: bool = False, backbone: str = "vit_small_patch16_224", **kwargs) -> nn.Module:
-    """A V-MoE on any timm ViT ``backbone``: ``kwargs`` are the backbone's (img_size, embed_dim, depth, ...),
-    create_vmoe's MoE arguments (moe_layers, num_experts, k, ...) and expert_noise / router_init_std for
-    upcycling dense pretrained weights. What ``save_pretrained`` names a create_vmoe model."""
-    upcycle_kwargs = {key: kwargs.pop(key) for key in _UPCYCLE_ARGS if key in kwargs}
-    moe, kwargs = MoEConfig.split(kwargs)
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        functools.partial(_build_vmoe, backbone, moe), GENERIC_NAME, pretrained,
-        pretrained_filter_fn=functools.partial(_upcycle_filter, upcycle_kwargs=upcycle_kwargs),
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+__all__ = ["save_pretrained"]
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, model_args: dict[str, Any] | None = None,

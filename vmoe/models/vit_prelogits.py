@@ -2,7 +2,8 @@
 
 Big Vision / the JAX V-MoE put a ``pre_logits`` layer (Dense + tanh, width R) between the pooled features
 and the head when ``representation_size`` is set; timm's VisionTransformer no longer has it. Registered
-with timm as ``vmoe_vit_prelogits`` so that create_vmoe / the CLI can use it as a backbone.
+with timm as ``vmoe_vit_prelogits`` (:mod:`vmoe.models.timm_names`) so that create_vmoe / the CLI can use it
+as a backbone.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -50,18 +50,3 @@ class PreLogitsViT(VisionTransformer):
         x = self.pre_logits(x)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-
-default_cfgs = generate_default_cfgs({"vmoe_vit_prelogits": dict(
-    num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=1.0, interpolation="bilinear",
-    fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), first_conv="patch_embed.proj",
-    classifier="head", license="apache-2.0",
-    description="ViT with the original representation layer; weights only from a local file")})
-
-
-@register_model
-def vmoe_vit_prelogits(pretrained: bool = False, **kwargs: Any) -> PreLogitsViT:
-    """A dense timm ViT (any VisionTransformer kwargs) with an optional ``representation_size``."""
-    return build_model_with_cfg(PreLogitsViT, "vmoe_vit_prelogits", pretrained,
-                                feature_cfg=dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter"),
-                                **kwargs)

@@ -1,17 +1,17 @@
-"""The ``vmoe`` command: LightningCLI (fit / validate / test / predict) plus a registry of extra commands.
+"""The LightningCLI commands of ``vmoe`` (fit / validate / test / predict); :mod:`vmoe.cli` holds the table of
+every command and dispatches these four here.
 
     vmoe fit --config configs/quickstart.yaml
     vmoe test --config configs/quickstart.yaml --ckpt_path runs/.../last.ckpt --model.eval_capacity_factor 0.5
-    vmoe visualize ...   (any EXTRA_COMMANDS entry; dispatched before LightningCLI parses anything)
+    python -m vmoe.train.cli fit ...   (the same, these four commands only)
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -21,29 +21,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..distributed import fsdp as _fsdp_expert_parallel  # noqa: F401  registers "fsdp_expert_parallel"
 from ..distributed import strategy as _expert_parallel  # noqa: F401  registers trainer.strategy "ddp_expert_parallel"
+from ..errors import DEBUG_ENV, UsageError, exit_status
 from .callbacks import LastCheckpoint, PredictionWriter
 from .from_checkpoint import STARTING_WEIGHTS, classifier_hparams, read_lightning_checkpoint
 from .data.base import ImageDataModule
 from .module import ImageClassifier
 from .resume import ResumeStateCheckpoint
 
-__all__ = ["main", "run", "VMoECLI", "UsageError", "DEBUG_ENV", "EXTRA_COMMANDS", "EXTRA_HELP", "default_loggers", "explicit_model_keys"]
+__all__ = ["main", "run", "VMoECLI", "UsageError", "DEBUG_ENV", "LIGHTNING_COMMANDS", "default_loggers",
+           "explicit_model_keys"]
 
-# name -> "module:function"; each function takes argv (list[str]) and is imported only when its command runs.
-EXTRA_COMMANDS: dict[str, str] = {
-    "visualize": "vmoe.viz.cli:visualize_main",
-    "sweep": "vmoe.viz.cli:sweep_main",
-    "flops": "vmoe.models.flops:main",
-    "convert": "vmoe.models.reference.cli:convert_main",
-    "export": "vmoe.train.export:main", "fewshot": "vmoe.eval.cli:fewshot_main",
-}
-EXTRA_HELP: dict[str, str] = {
-    "visualize": "Draw which patches each router kept, dropped, and sent to which expert.",
-    "sweep": "Evaluate a checkpoint over a range of eval capacity factors and plot the curve.",
-    "flops": "Count the FLOPs of a dense ViT and its V-MoE.",
-    "convert": "Convert a JAX V-MoE / E³ checkpoint (PREFIX.index + PREFIX.data-*) to model.safetensors + config.",
-    "export": "Export a checkpoint as a timm folder.", "fewshot": "Few-shot linear evaluation of a checkpoint.",
-}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Model arguments the CLI links from the DataModule; never taken from a checkpoint's hyper-parameters.
 LINKED_FROM_DATA = ("num_classes", "img_size", "in_chans")
 # Routing settings an evaluating command takes from itself (config file, flags or defaults), never from the
@@ -52,22 +40,6 @@ COMMAND_ROUTING = ("eval_capacity_factor", "batch_priority")
 # Hyper-parameters that decide how a resumed fit routes: a flag may not change them silently.
 TRAINING_ROUTING = ("k", "capacity_factor", "eval_capacity_factor", "batch_priority", "noise_std", "group_size",
                     "bfloat16_dispatch", "router")
-
-
-def load_extra_command(name: str) -> Callable[[list[str]], Any]:
-    """Import the function behind an EXTRA_COMMANDS entry, or exit with a message saying what is missing."""
-    target = EXTRA_COMMANDS[name]
-    module_name, _, func_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise SystemExit(f"vmoe {name}: cannot import {module_name} ({type(err).__name__}: {err}); this "
-                         "installation does not provide the command") from err
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise SystemExit(f"vmoe {name}: {module_name} has no function {func_name!r}; this installation does not "
-                         "provide the command")
-    return func
 
 
 def explicit_model_keys(argv: Sequence[str]) -> set[str] | None:
@@ -135,11 +107,10 @@ class VMoECLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"accelerator": "auto", "default_root_dir": "runs/default"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        extra = "; ".join(f"{name}: {text}" for name, text in EXTRA_HELP.items() if name in EXTRA_COMMANDS)
         kwargs.setdefault("parser_kwargs", {
             "prog": "vmoe", "description": "vmoe: train and evaluate vision Mixture-of-Experts on timm ViTs with "
                                            "Lightning.",
-            "epilog": f"More commands (vmoe COMMAND --help): {extra}."})
+            "epilog": "vmoe --help lists every command (visualize, sweep, flops, ... beside these)."})
         super().__init__(ImageClassifier, ImageDataModule, subclass_mode_data=True,
                          args=None if args is None else list(args), **kwargs)
 
@@ -233,43 +204,18 @@ class VMoECLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-class UsageError(ValueError):
-    """A command that cannot run as given (exit status 2, like a parsing error)."""
-
-
-def run(argv: Sequence[str] | None = None) -> Any:
-    """Run a ``vmoe`` command; returns the finished VMoECLI (``.trainer``, ``.model``, ``.datamodule``) or
-    whatever an extra command returns. ``argv`` defaults to sys.argv[1:]."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in EXTRA_COMMANDS:
-        return load_extra_command(args[0])(args[1:])
+def run(argv: Sequence[str] | None = None) -> VMoECLI:
+    """Run a LightningCLI command (``argv`` starts with fit/validate/test/predict; default sys.argv[1:]);
+    returns the finished VMoECLI (``.trainer``, ``.model``, ``.datamodule``)."""
     return VMoECLI(args=argv)
 
 
-DEBUG_ENV = "VMOE_DEBUG"
-
-
-def _command_name(argv: Sequence[str]) -> str:
-    names = ("fit", "validate", "test", "predict", *EXTRA_COMMANDS)
-    return next((f"vmoe {a}" for a in argv if a in names), "vmoe")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vmoe`` console script: exit status 0 on success, 2 for a usage error, 1 for any
-    other error, printed as one ``vmoe CMD: error: <message>`` line without the traceback; VMOE_DEBUG=1
-    lets the exception propagate (traceback included). :func:`run` always raises."""
+    """``python -m vmoe.train.cli``: :func:`run` with exit status 0 on success, 2 for a usage error, 1 for any
+    other error, printed as one ``vmoe CMD: error: <message>`` line (see :func:`vmoe.errors.exit_status`)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        result = run(argv)
-    except Exception as err:  # noqa: BLE001  (every error: one readable line, the traceback on demand)
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        message = str(err) or type(err).__name__
-        kind = "" if isinstance(err, (ValueError, UsageError)) else f"{type(err).__name__}: "
-        sys.stderr.write(f"{_command_name(args)}: error: {kind}{message}\n"
-                         f"(set {DEBUG_ENV}=1 for the traceback)\n")
-        return 2 if isinstance(err, UsageError) else 1
-    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    name = next((f"vmoe {a}" for a in args if a in LIGHTNING_COMMANDS), "vmoe")
+    return exit_status(name, lambda: run(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

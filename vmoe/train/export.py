@@ -20,7 +20,7 @@ def datamodule_preprocessing(data: dict[str, Any]) -> tuple[dict[str, Any], list
 
     The datamodule is only constructed (no data is read), so its normalisation and size are known.
     """
-    from vmoe.viz.report import class_names
+    from .data import class_names
 
     module_name, _, cls_name = data["class_path"].rpartition(".")
     if not module_name:

@@ -5,7 +5,7 @@ pyplot state, so they work headless), model-running helpers in :mod:`.collect` a
 Lightning callback in :mod:`.callback` and the ``vmoe visualize`` / ``vmoe sweep`` commands in :mod:`.cli`.
 """
 from .collect import (RoutingStats, capacity_blocks, capacity_settings, collect_routing_stats, has_capacity,
-                      loads_and_capacity, moe_blocks, patch_layout, route, routing_settings)
+                      loads_and_capacity, moe_blocks, patch_layout, route)
 from .plots import (OKABE_ITO, display_images, expert_colors, plot_capacity_sweep, plot_class_expert_share,
                     plot_dropped_patches, plot_expert_load, plot_expert_map)
 from .report import dropped_patches_note, routing_figures, save_figure
@@ -14,7 +14,7 @@ from .status import (DROPPED, KEPT, PARTIAL, STATUS_LABELS, class_expert_counts,
 from .sweep import DEFAULT_CAPACITY_FACTORS, capacity_sweep, format_sweep_table, mcnemar_p_value
 
 __all__ = [
-    "RoutingStats", "collect_routing_stats", "loads_and_capacity", "moe_blocks", "patch_layout", "route", "routing_settings",
+    "RoutingStats", "collect_routing_stats", "loads_and_capacity", "moe_blocks", "patch_layout", "route",
     "capacity_blocks", "capacity_settings", "has_capacity", "dropped_patches_note",
     "OKABE_ITO", "display_images", "expert_colors", "plot_capacity_sweep", "plot_class_expert_share",
     "plot_dropped_patches", "plot_expert_load", "plot_expert_map", "routing_figures", "save_figure",

@@ -11,8 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from matplotlib.figure import Figure
 from torch import nn
 
+from ..train.data.base import class_names
 from .collect import RoutingStats, capacity_blocks, moe_blocks, no_capacity_message
-from .report import class_names, dropped_patches_note, routing_figures, save_figure
+from .report import dropped_patches_note, routing_figures, save_figure
 
 __all__ = ["RoutingPictures"]
 

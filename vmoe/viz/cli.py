@@ -19,14 +19,14 @@ from lightning import LightningDataModule
 
 from ..argv import bracket_lists, flag_value
 from ..io import atomic_write
-from ..train.from_checkpoint import (data_defaults_from_checkpoint, load_classifier,  # noqa: F401 (re-exported)
-                                     resolve_data_config)
+from ..train.data.base import class_names
+from ..train.from_checkpoint import data_defaults_from_checkpoint, load_classifier
 from .collect import capacity_blocks, collect_routing_stats, moe_blocks, no_capacity_message
 from .plots import plot_capacity_sweep
-from .report import class_names, dropped_patches_note, routing_figures, save_figure
+from .report import dropped_patches_note, routing_figures, save_figure
 from .sweep import DEFAULT_CAPACITY_FACTORS, MODES, capacity_sweep, check_sweepable, format_sweep_table
 
-__all__ = ["visualize_main", "sweep_main", "visualize", "sweep", "load_classifier", "resolve_data_config"]
+__all__ = ["visualize_main", "sweep_main", "visualize", "sweep"]
 
 _LIST_FLAGS = ("--capacity_factors", "--modes")
 _VISUALIZE_FACTORS = [0.5, 1.0]  # the dropped-patch pictures when --capacity_factors is not given
@@ -120,7 +120,7 @@ def visualize(argv: list[str] | None = None) -> dict[str, str]:
     if note is not None:
         print(note)
     images, labels = _first_images(dm.val_dataloader(), args.num_images)
-    from vmoe.eval.progress import track  # a progress bar on a terminal: the statistics pass reads the whole split
+    from ..progress import track  # a progress bar on a terminal: the statistics pass reads the whole split
 
     loader = dm.val_dataloader()
     total = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
@@ -141,7 +141,7 @@ def _check_factors_apply(network: torch.nn.Module) -> None:
 
 
 def sweep_main(argv: list[str] | None = None) -> None:
-    """Entry of ``vmoe sweep`` and scripts/capacity_sweep.py (returns None: exit status 0)."""
+    """Entry of ``vmoe sweep`` (returns None: exit status 0)."""
     sweep(argv)
 
 

@@ -20,7 +20,7 @@ from ..moe.routing import Routing
 from .status import class_expert_counts, expert_load
 
 __all__ = ["moe_blocks", "has_capacity", "capacity_blocks", "no_capacity_message", "patch_layout",
-           "routing_settings", "capacity_settings", "route", "layer_capacity", "loads_and_capacity", "RoutingStats",
+           "capacity_settings", "route", "layer_capacity", "loads_and_capacity", "RoutingStats",
            "collect_routing_stats"]
 
 

@@ -15,25 +15,12 @@ from .plots import (display_images, plot_class_expert_share, plot_dropped_patche
 from .status import patch_status, top1_expert_map
 from .sweep import MODES
 
-__all__ = ["routing_figures", "dropped_patches_note", "save_figure", "figure_name", "class_names"]
+__all__ = ["routing_figures", "dropped_patches_note", "save_figure", "figure_name"]
 
 
 def figure_name(kind: str, value: float | int) -> str:
     """File-system and TensorBoard friendly name, e.g. ("dropped_patches_cf", 0.5) -> dropped_patches_cf0.5."""
     return f"{kind}{value:g}" if isinstance(value, float) else f"{kind}{value}"
-
-
-def class_names(dm: Any) -> list[str] | None:
-    """Human class names of a datamodule (``class_names`` / ``classes`` attributes or its datasets)."""
-    for holder in (dm, getattr(dm, "val_set", None), getattr(dm, "test_set", None)):
-        for attr in ("class_names", "classes"):
-            names = getattr(holder, attr, None)
-            if names is not None and not callable(names):
-                return [str(n) for n in names]
-    if type(dm).__name__.startswith("FashionMNIST"):
-        from torchvision.datasets import FashionMNIST
-        return list(FashionMNIST.classes)  # a class attribute: no download needed
-    return None
 
 
 def _row_labels(labels: Tensor | None, class_names: Sequence[str] | None, n: int) -> list[str]:

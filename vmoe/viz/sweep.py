@@ -107,7 +107,7 @@ def capacity_sweep(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     rows), so a gap between vanilla and BPR can be told from noise; None with a single mode.
     show_progress: a progress bar on stderr (None = when stderr is a terminal).
     """
-    from ..eval.progress import progress
+    from ..progress import progress
 
     factors = _check_factors(capacity_factors)
     check_sweepable(model)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ImageDataModule", "TensorImageDataset", "seeded_split"]
+__all__ = ["ImageDataModule", "TensorImageDataset", "seeded_split", "class_names"]
 
 
 class TensorImageDataset(Dataset):
@@ -46,9 +46,11 @@ def seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[Tensor]:
 class ImageDataModule(L.LightningDataModule):
     """Base class: subclasses set ``num_classes``, ``in_chans``, ``img_size``, ``mean``, ``std`` in __init__
     (so the CLI can link them into the model before anything is loaded) and build
-    ``train_set`` / ``val_set`` / ``test_set`` in ``setup``. predict uses the test split.
+    ``train_set`` / ``val_set`` / ``test_set`` in ``setup``. predict uses the test split. Subclasses that know
+    their classes' names set ``class_names`` (index = label).
     """
 
+    class_names: Sequence[str] | None = None
     num_classes: int
     in_chans: int
     img_size: int
@@ -105,3 +107,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", train=False)
+
+
+def class_names(dm: Any) -> list[str] | None:
+    """Human names of a datamodule's classes (index = label): its ``class_names``, else the ``classes`` list of
+    its val or test dataset (torchvision's datasets have one); None when neither says."""
+    names = getattr(dm, "class_names", None)
+    for dataset in (getattr(dm, "val_set", None), getattr(dm, "test_set", None)):
+        if names is not None:
+            break
+        names = getattr(dataset, "classes", None)
+        names = names if isinstance(names, (list, tuple)) else None  # CIFAR's DataModules: a count, not names
+    return [str(n) for n in names] if names is not None else None

@@ -80,6 +80,9 @@ class FashionMNISTDataModule(ImageDataModule):
     (``apt-get install dataset-fashion-mnist``); with ``download=True`` torchvision fetches them into data_dir.
     """
 
+    class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
     def __init__(self, data_dir: str = "data", img_size: int = 28, val_size: int = 5000, split_seed: int = 0,
                  augment: str = "crop_flip", download: bool = False, auto_augment: str | None = None,
                  re_prob: float = 0.0, batch_size: int = 128,

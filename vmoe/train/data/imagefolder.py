@@ -10,25 +10,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
 from torch.utils.data import Dataset
 
 from .timm_data import TimmDataModule, folder_classes
 
-__all__ = ["ImageFolderDataModule", "ImageReadError", "load_rgb"]
-
-
-class ImageReadError(OSError):
-    """An image file that PIL cannot decode; the message names the file."""
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` fully into an RGB PIL image, or raise ImageReadError naming the file."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")  # convert() forces the full decode inside the try
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageReadError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+__all__ = ["ImageFolderDataModule"]
 
 
 def _check_dir(path: str | os.PathLike, what: str) -> Path:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from .base import ImageDataModule
+from .images import decode_image
 
 __all__ = ["TimmDataModule", "StrictImageDataset", "resolve_model_data_config", "folder_classes"]
 
@@ -73,15 +73,8 @@ class StrictImageDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int):
-        from .imagefolder import ImageReadError
-
         img, target, *_ = self.reader[index]
-        try:
-            with Image.open(img) as opened:
-                img = opened.convert(self.input_img_mode)  # convert() forces the full decode inside the try
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise ImageReadError(f"cannot read image {self.reader.filename(index)}: {type(err).__name__}: "
-                                 f"{err}") from err
+        img = decode_image(img, self.input_img_mode, name=self.reader.filename(index))
         if self.transform is not None:
             img = self.transform(img)
         if self.target_transform is not None:
@@ -158,6 +151,7 @@ class TimmDataModule(ImageDataModule):
         self.crop_mode = self.data_config["crop_mode"]
         self.class_to_idx = self._class_map(class_map)
         self.classes = list(self.class_to_idx) if self.class_to_idx else None
+        self.class_names = self.classes
         if num_classes is None and self.class_to_idx is None:
             raise ValueError(f"num_classes is needed for dataset {name!r}: its classes cannot be listed before "
                              "loading (give num_classes, or a class_map)")

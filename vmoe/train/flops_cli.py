@@ -1,4 +1,5 @@
-"""``vmoe flops --config configs/quickstart.yaml``: the cost table of the model a training config builds.
+"""``vmoe flops``: the cost table of a backbone and its V-MoE (:func:`vmoe.models.flops.report`), or, with
+``--config configs/quickstart.yaml``, of the model a training config builds.
 
 The model section gives the network (backbone, model_kwargs, MoE settings); the data section gives
 num_classes, in_chans and img_size, as the CLI links them. The dense row is the same ViT with
@@ -7,16 +8,17 @@ num_classes, in_chans and img_size, as the CLI links them. The dense row is the 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any, Sequence
 
 import torch
 import yaml
 
+from ..models.build import build_network
+from ..models.flops import flops_table, model_cost, report
 from ..moe import MoEConfig, iter_moe_layers
-from .build import build_network
-from .flops import flops_table, model_cost
 
-__all__ = ["load_training_config", "config_cost_table"]
+__all__ = ["load_training_config", "config_cost_table", "main"]
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -47,7 +49,7 @@ def _data_shape(data: dict | None) -> dict[str, int]:
         return {}
     data = {"class_path": data} if isinstance(data, str) else data
     module_name, _, cls_name = data["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name or "vmoe.train.data"), cls_name)
+    cls = getattr(importlib.import_module(module_name or f"{__package__}.data"), cls_name)
     init_args = data.get("init_args") or {}
     try:
         dm = cls(**init_args)
@@ -83,3 +85,25 @@ def config_cost_table(paths: Sequence[str]) -> str:
     title = (f"{', '.join(paths)}: {backbone} {model.get('model_kwargs') or ''} at {shape['img_size']}px, "
              f"{shape['in_chans']} channel(s), {shape['num_classes']} classes")
     return title + "\n" + flops_table(costs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vmoe flops --backbone vit_small_patch16_224 --num_experts 8 --k 2 --moe_layers every-2``, or
+    ``vmoe flops --config configs/quickstart.yaml [--config more.yaml]`` for the model of a training config."""
+    from jsonargparse import CLI
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--config" or a.startswith("--config=") for a in args):
+        paths, rest, it = [], [], iter(args)
+        for a in it:
+            if a == "--config":
+                paths.append(next(it, None) or "")
+            elif a.startswith("--config="):
+                paths.append(a.split("=", 1)[1])
+            else:
+                rest.append(a)
+        if rest or not all(paths):
+            raise SystemExit(f"vmoe flops --config takes only (repeated) --config FILE; got also {rest or 'an empty path'}")
+        print(config_cost_table(paths))
+        return
+    CLI(report, args=args, as_positional=False, allow_abbrev=False)

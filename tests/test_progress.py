@@ -1,5 +1,5 @@
 """The progress helper: yields every item, shown or not, and counts the advances."""
-from vmoe.eval.progress import progress, track
+from vmoe.progress import progress, track
 
 
 def test_track_yields_everything_with_and_without_a_bar(capsys):

@@ -1,0 +1,199 @@
+"""Every timm name vmoe registers: one table (:data:`TIMM_NAMES`), one ``_create``, one weights filter.
+
+Importing this module registers the names with timm (``import vmoe.models`` does; so does ``import vmoe``
+as soon as timm is imported). Adding a name is one entry of the table.
+
+- ``vmoe_timm_*``: timm's ViT-Ti/S/B/L shapes (e.g. ViT-S = 384 wide, 12 blocks) with MoE blocks, for sparse
+  upcycling: their pretrained_cfg points at timm's dense augreg weights, upcycled while loading
+  (``pretrained=True``; ``pretrained_cfg_overlay=dict(file=...)`` for a local file).
+- ``vmoe_paper_*``, ``e3_paper_*``: the V-MoE paper's own architectures (Riquelme et al. 2021, Table 8; the
+  reference's configs), not timm's: V-MoE-S is 512 wide with 8 blocks.
+
+  | size | width D | blocks | heads | MLP H | patch |
+  |---|---|---|---|---|---|
+  | S/32 | 512 | 8 | 8 | 2048 | 32 |
+  | B/32, B/16 | 768 | 12 | 12 | 3072 | 32, 16 |
+  | L/16 | 1024 | 24 | 16 | 4096 | 16 |
+  | H/14 | 1280 | 32 | 16 | 5120 | 14 |
+
+  GELU with the tanh approximation, LayerNorm eps 1e-6, a class token, 224 px and 1000 classes by default
+  (``representation_size`` adds a pre-logits layer); the V-MoE router (K=2; E³: K=1). The routing group
+  size is the caller's (``group_size``; the reference uses 8 images' tokens per group).
+- ``vmoe_reference``: any architecture, every ViT and MoE argument given by the caller (what ``vmoe convert``
+  writes).
+- ``vmoe``: a V-MoE on any timm ViT ``backbone=`` (what :func:`save_pretrained` names a create_vmoe model).
+- ``vmoe_vit_prelogits``: a dense ViT with the original representation layer (a backbone for the above).
+
+Every V-MoE name takes any ViT kwarg, the MoE settings of :class:`vmoe.moe.MoEConfig` (moe_layers,
+num_experts, k, capacity_factor, ...) and ``expert_noise`` / ``router_init_std`` for upcycling. Weights given
+with ``pretrained=True`` go through one filter (:func:`vmoe.models.starting_weights.starting_state_dict`):
+V-MoE weights are adapted for fine-tuning (position embedding resampled, a head of another size reset), dense
+ViT weights are upcycled.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import timm
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .naming import GENERIC_NAME
+from .vit_prelogits import PreLogitsViT
+
+__all__ = ["TimmName", "TIMM_NAMES", "UPCYCLE_FROM"]
+
+# The ViT classes an entry is built on; "any" is timm.create_model(backbone=...) of the caller's backbone.
+VIT = "vit"  # timm's VisionTransformer
+PRELOGITS = "prelogits"  # PreLogitsViT: timm's ViT plus the optional representation layer
+ANY = "any"
+
+
+@dataclass(frozen=True)
+class TimmName:
+    """One registered name: ``vit`` arguments and ``moe`` defaults (the caller's kwargs override both; moe None
+    = a dense ViT), the ViT class (``backbone``: VIT, PRELOGITS or ANY), pretrained_cfg fields on top of
+    :data:`_BASE_CFG` (``description`` defaults to ``doc``), and ``upcycle_from``: timm dense weights
+    ("arch.tag") that ``pretrained=True`` fetches from the hub and upcycles."""
+
+    doc: str
+    vit: dict[str, Any] = field(default_factory=dict)
+    moe: dict[str, Any] | None = None
+    backbone: str = PRELOGITS
+    cfg: dict[str, Any] = field(default_factory=dict)
+    upcycle_from: str | None = None
+
+
+_BASE_CFG = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=1.0,
+                 interpolation="bilinear", fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 first_conv="patch_embed.proj", classifier="head", license="apache-2.0", paper_ids="arXiv:2106.05974")
+_TIMM_TAG = "augreg_in21k_ft_in1k"
+
+
+def _timm_shaped(doc: str, patch: int, dim: int, depth: int, heads: int, moe_layers: str, dense: str) -> TimmName:
+    # K=2 is the vmoe router's default, left unset so that another router=... keeps its own.
+    return TimmName(f"{doc}; upcycles timm's dense augreg weights.", backbone=VIT,
+                    vit=dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads),
+                    moe=dict(moe_layers=moe_layers, num_experts=8), cfg=dict(crop_pct=0.9, interpolation="bicubic"),
+                    upcycle_from=f"{dense}.{_TIMM_TAG}")
+
+
+_LOCAL_FILE = dict(description="weights from a local file (vmoe convert)")
+_PAPER_SIZES = {"s": (512, 8, 8), "b": (768, 12, 12), "l": (1024, 24, 16), "h": (1280, 32, 16)}
+
+
+def _paper(size: str, patch: int, **moe: Any) -> TimmName:
+    dim, depth, heads = _PAPER_SIZES[size]
+    vit = dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0, act_layer="gelu_tanh",
+               qkv_bias=True, class_token=True, global_pool="token", fc_norm=False)
+    return TimmName(f"ViT {vit} with MoE {moe}.", vit=vit, moe=moe, cfg=_LOCAL_FILE)
+
+
+TIMM_NAMES: dict[str, TimmName] = {
+    "vmoe_timm_ti16_e8_every2": _timm_shaped("ViT-Ti/16 (timm), 8 experts, K=2, MoE in every 2nd block",
+                                             16, 192, 12, 3, "every-2", "vit_tiny_patch16_224"),
+    "vmoe_timm_s16_e8_every2": _timm_shaped("ViT-S/16 (timm: 384 wide, 12 blocks), 8 experts, K=2, MoE in every 2nd "
+                                            "block", 16, 384, 12, 6, "every-2", "vit_small_patch16_224"),
+    "vmoe_timm_s32_e8_last2": _timm_shaped("ViT-S/32 (timm: 384 wide, 12 blocks), 8 experts, K=2, MoE in the last 2 "
+                                           "odd blocks", 32, 384, 12, 6, "last-2", "vit_small_patch32_224"),
+    "vmoe_timm_b16_e8_every2": _timm_shaped("ViT-B/16 (timm), 8 experts, K=2, MoE in every 2nd block",
+                                            16, 768, 12, 12, "every-2", "vit_base_patch16_224"),
+    "vmoe_timm_b32_e8_last2": _timm_shaped("ViT-B/32 (timm), 8 experts, K=2, MoE in the last 2 odd blocks",
+                                           32, 768, 12, 12, "last-2", "vit_base_patch32_224"),
+    "vmoe_timm_l16_e8_every2": _timm_shaped("ViT-L/16 (timm), 8 experts, K=2, MoE in every 2nd block",
+                                            16, 1024, 24, 16, "every-2", "vit_large_patch16_224"),
+    "vmoe_paper_s32_e8_last2": _paper("s", 32, moe_layers="last-2", num_experts=8, k=2),
+    "vmoe_paper_b32_e32_every2": _paper("b", 32, moe_layers="every-2", num_experts=32, k=2),
+    "vmoe_paper_b16_e8_every2": _paper("b", 16, moe_layers="every-2", num_experts=8, k=2),
+    "vmoe_paper_l16_e32_every2": _paper("l", 16, moe_layers="every-2", num_experts=32, k=2),
+    "vmoe_paper_h14_e32_every2": _paper("h", 14, moe_layers="every-2", num_experts=32, k=2),
+    "e3_paper_s32_e8_m2_last2": _paper("s", 32, moe_layers="last-2", num_experts=8, k=1, router="ensemble",
+                                       moe_kwargs={"ensemble_size": 2}),
+    "vmoe_reference": TimmName("Any V-MoE architecture: every ViT and MoE argument given by the caller (vmoe convert).",
+                               vit=dict(act_layer="gelu_tanh", fc_norm=False),
+                               moe=dict(moe_layers="every-2", num_experts=8), cfg=_LOCAL_FILE),
+    GENERIC_NAME: TimmName("A V-MoE on any timm ViT ``backbone`` (default vit_small_patch16_224): kwargs are the "
+                           "backbone's, the MoE settings and expert_noise / router_init_std for upcycling; what "
+                           "save_pretrained names a create_vmoe model.", backbone=ANY, moe={},
+                           cfg=dict(crop_pct=0.9, interpolation="bicubic",
+                                    description="V-MoE on any timm ViT backbone (model_args: backbone + MoE settings)")),
+    "vmoe_vit_prelogits": TimmName("A dense timm ViT (any VisionTransformer kwargs) with an optional "
+                                   "``representation_size``.",
+                                   cfg=dict(paper_ids=None, description="ViT with the original representation "
+                                                                        "layer; weights only from a local file")),
+}
+# name -> the timm dense weights ("arch.tag") it upcycles from (the vmoe_timm_* names)
+UPCYCLE_FROM = {name: entry.upcycle_from for name, entry in TIMM_NAMES.items() if entry.upcycle_from}
+_UPCYCLE_ARGS = ("expert_noise", "router_init_std")
+
+
+def _pretrained_cfg(name: str, entry: TimmName) -> tuple[str, dict[str, Any]]:
+    """(timm's "name.tag" key, pretrained_cfg) of one entry."""
+    cfg = {**_BASE_CFG, "description": entry.doc, **entry.cfg}
+    if entry.moe is not None and entry.backbone == PRELOGITS:
+        cfg["description"] = f"{name}: {cfg['description']}"
+    if entry.upcycle_from is None:
+        return name, {key: value for key, value in cfg.items() if value is not None}
+    dense = entry.upcycle_from
+    cfg.update(hf_hub_id=f"timm/{dense}", description=f"V-MoE sparse-upcycled at load time from timm's dense {dense}",
+               notes=(f"upcycle_from={dense}",))
+    return f"{name}.{dense.partition('.')[2]}", cfg  # the tag of the dense weights
+
+
+default_cfgs = generate_default_cfgs(dict(_pretrained_cfg(name, entry) for name, entry in TIMM_NAMES.items()))
+
+
+def _vit_class(entry: TimmName, backbone: str | None) -> Callable[..., nn.Module]:
+    if entry.backbone == ANY:
+        return functools.partial(timm.create_model, backbone, pretrained=False)
+    return VisionTransformer if entry.backbone == VIT else PreLogitsViT
+
+
+def _build(vit_class: Callable[..., nn.Module], moe: Any, **vit_kwargs: Any) -> nn.Module:
+    from .build import convert_to_moe  # imported when a model is built: registering the names needs timm only
+
+    return convert_to_moe(vit_class(**vit_kwargs), moe)
+
+
+def _weights_filter(state_dict: dict, model: nn.Module, upcycle_kwargs: dict[str, Any]) -> dict:
+    """timm's pretrained filter for every V-MoE name: one decision, V-MoE or dense weights."""
+    from .starting_weights import starting_state_dict
+
+    try:
+        return starting_state_dict(state_dict, model, upcycle_kwargs, source="the pretrained weights")
+    except TypeError as err:  # timm would retry a TypeError-raising filter with one argument
+        raise RuntimeError(f"upcycling the pretrained weights failed: {err}") from err
+
+
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build ``name`` of TIMM_NAMES with timm's builder (pretrained_cfg, features_only, pretrained loading)."""
+    entry = TIMM_NAMES[name]
+    backbone = kwargs.pop("backbone", "vit_small_patch16_224") if entry.backbone == ANY else None
+    feature_cfg = dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter")
+    if entry.moe is None:
+        return build_model_with_cfg(_vit_class(entry, backbone), name, pretrained, feature_cfg=feature_cfg,
+                                    **{**entry.vit, **kwargs})
+    from ..moe import MoEConfig
+
+    upcycle_kwargs = {key: kwargs.pop(key) for key in _UPCYCLE_ARGS if key in kwargs}
+    moe, kwargs = MoEConfig.split(kwargs, defaults=entry.moe)
+    return build_model_with_cfg(functools.partial(_build, _vit_class(entry, backbone), moe), name, pretrained,
+                                pretrained_filter_fn=functools.partial(_weights_filter, upcycle_kwargs=upcycle_kwargs),
+                                feature_cfg=feature_cfg, **{**entry.vit, **kwargs})
+
+
+def _entrypoint(name: str) -> Callable[..., nn.Module]:
+    def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return _create(name, pretrained, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = TIMM_NAMES[name].doc
+    return entry
+
+
+for _name in TIMM_NAMES:
+    globals()[_name] = register_model(_entrypoint(_name))
