@@ -22,7 +22,7 @@ from jsonargparse import CLI
 
 from vmoe.io import atomic_write
 from vmoe.models import aux_loss
-from vmoe.moe import iter_moe_layers
+from vmoe.moe import iter_moe_mlps
 from vmoe.train.data import DigitsDataModule
 from vmoe.train.module import ImageClassifier
 
@@ -68,7 +68,7 @@ class RouterStats(L.Callback):
         self.epoch_aux.append(float(aux_loss(pl_module.model).detach()))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        layers = [layer for _, layer in iter_moe_layers(pl_module.model)]
+        layers = [layer for _, layer in iter_moe_mlps(pl_module.model)]
         self.test_cv.append(sum(float(m.metrics["load_cv"]) for m in layers) / len(layers))
         self.test_dropped.append(sum(float(m.metrics["dropped_fraction"]) for m in layers) / len(layers))
 

@@ -60,7 +60,7 @@ def vit_data():
 
 def record_router_dtypes(model) -> list:
     """Per training-step forward of the MoE layer: (autocast on, router logits dtype, MoE output dtype)."""
-    from vmoe.moe.build import iter_moe_layers
+    from vmoe.moe.build import iter_moe_mlps
     from vmoe.moe.routers import Router
     calls, logits = [], []
 
@@ -75,7 +75,7 @@ def record_router_dtypes(model) -> list:
 
     original = Router.logits
     Router.logits = router_logits  # every router's logits (restored by the caller)
-    (_, layer), = iter_moe_layers(model)
+    (_, layer), = iter_moe_mlps(model)
     layer.register_forward_hook(hook)
     return calls
 
@@ -98,9 +98,9 @@ def fit_vit(strategy, out: Path, name: str, precision: str = "32-true") -> None:
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
 
-        from vmoe.moe.build import iter_moe_layers
+        from vmoe.moe.build import iter_moe_mlps
         assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.model.blocks)
-        (_, layer), = iter_moe_layers(model)
+        (_, layer), = iter_moe_mlps(model)
         experts = set(layer.experts.parameters())
         assert experts and all(type(p) is torch.nn.Parameter and p.shape[0] == 2 for p in experts)
         opt_params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vmoe.moe import available_routers, build_moe_mlp, iter_moe_layers
+from vmoe.moe import available_routers, build_moe_mlp, iter_moe_mlps
 
 ROUTERS = available_routers()
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
@@ -37,7 +37,7 @@ def test_create_vmoe_with_each_scheme(router):
     models = pytest.importorskip("vmoe.models")
     model = models.create_vmoe("vit_small_patch16_224", moe_layers="every-1", num_experts=[2, 4], router=router,
                                **TINY)
-    assert [layer.num_experts for _, layer in iter_moe_layers(model)] == [2, 4]  # pyramid placement
+    assert [layer.num_experts for _, layer in iter_moe_mlps(model)] == [2, 4]  # pyramid placement
     out = model(torch.randn(2, 3, 16, 16))
     (out.logsumexp(-1).mean() + models.aux_loss(model)).backward()
     assert out.shape == (2, 5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vmoe.models import create_vmoe, routing_settings, set_routing
-from vmoe.moe import MoEConfig, RoutingSettings, iter_moe_layers
+from vmoe.moe import MoEConfig, RoutingSettings, iter_moe_mlps
 from vmoe.train.cli import main
 from vmoe.train.module import ImageClassifier
 
@@ -44,9 +44,9 @@ def test_bad_settings_raise_at_construction(kwargs, message):
 def test_defaults_leave_unset_settings_to_the_scheme():
     config = MoEConfig()
     assert (config.moe_layers, config.num_experts, config.router) == ("every-2", 8, "vmoe")
-    assert config.routing == RoutingSettings() and config.routing.set_fields() == []
+    assert config.settings == RoutingSettings() and config.settings.set_fields() == []
     config = MoEConfig.from_flat(k=1, capacity_factor=2.0, batch_priority=True, moe_kwargs={"importance_weight": 0.0})
-    assert config.routing == RoutingSettings(k=1, capacity_factor=2.0, batch_priority=True)
+    assert config.settings == RoutingSettings(k=1, capacity_factor=2.0, batch_priority=True)
     assert config.moe_kwargs == {"importance_weight": 0.0}
     assert MoEConfig.from_flat(**config.flat()) == config
     assert MoEConfig(num_experts=[2, 4]).experts_per_layer(2) == [2, 4]
@@ -60,14 +60,14 @@ def test_defaults_leave_unset_settings_to_the_scheme():
 
 def test_split_takes_the_moe_settings_over_defaults():
     config, rest = MoEConfig.split({"k": 1, "img_size": 32}, defaults={"moe_layers": "last-2", "k": 2})
-    assert (config.moe_layers, config.routing.k, rest) == ("last-2", 1, {"img_size": 32})
+    assert (config.moe_layers, config.settings.k, rest) == ("last-2", 1, {"img_size": 32})
 
 
 def test_create_vmoe_checks_before_building_and_accepts_a_config():
     with pytest.raises(ValueError, match="capacity_factor must be > 0 .*got inf"):
         create_vmoe("vit_small_patch16_224", capacity_factor=INF, **TINY)
     model = create_vmoe("vit_small_patch16_224", MoEConfig.from_flat(num_experts=4, k=1), capacity_factor=2.0, **TINY)
-    layers = [layer for _, layer in iter_moe_layers(model)]
+    layers = [layer for _, layer in iter_moe_mlps(model)]
     assert [(layer.num_experts, layer.k, layer.settings.capacity_factor) for layer in layers] == [(4, 1, 2.0)]
     with pytest.raises(TypeError, match=r"unknown MoE settings \['capcity_factor'\]"):
         from vmoe.models import convert_to_moe
@@ -117,7 +117,7 @@ def test_block_resolves_the_scheme_defaults_once():
 
 def test_set_routing_checks_before_changing_any_layer():
     model = create_vmoe("vit_small_patch16_224", num_experts=4, moe_layers=[0, 1], **TINY)
-    layers = [layer for _, layer in iter_moe_layers(model)]
+    layers = [layer for _, layer in iter_moe_mlps(model)]
     before = layers[0].settings
     assert before == RoutingSettings(k=2, capacity_factor=1.05, eval_capacity_factor=1.05, noise_std=1.0)
     with pytest.raises(ValueError, match="capacity_factor must be > 0 or None .*got inf"):

@@ -9,7 +9,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from vmoe.moe import MoEMlp, Routing, StackedExperts, routing_metrics, static_slots
 from vmoe.moe import experts as experts_module
-from vmoe.moe.dispatch import AutoDispatch, DispatchPrecision, SortedDispatch, build_dispatch
+from vmoe.moe.dispatch import DispatchPrecision, SortedDispatch
+from vmoe.moe.dispatch_choice import AutoDispatch, build_dispatch
 from vmoe.moe.static_dispatch import StaticCapacityDispatch, static_combine
 
 # The worked example of docs/design.md ("Slot assignment"), position order: S=3, E=3, K=2, C=2.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from vmoe.moe import RoutingSettings, iter_moe_layers
+from vmoe.moe import RoutingSettings, iter_moe_mlps
 from vmoe.train import ImageClassifier, warmup_decay_factor
 from vmoe.train.data import DigitsDataModule
 
@@ -15,8 +15,8 @@ TINY = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=8, in_chan
 def test_vmoe_and_dense_networks():
     moe = ImageClassifier(**TINY, moe_layers="every-2", num_experts=4)
     dense = ImageClassifier(**TINY, moe_layers=None)
-    assert [name for name, _ in iter_moe_layers(moe.model)] == ["blocks.1.mlp"]
-    assert not list(iter_moe_layers(dense.model))
+    assert [name for name, _ in iter_moe_mlps(moe.model)] == ["blocks.1.mlp"]
+    assert not list(iter_moe_mlps(dense.model))
     x = torch.randn(3, 1, 8, 8)
     assert moe(x).shape == dense(x).shape == (3, 10)
     moe.train()
@@ -45,14 +45,14 @@ def test_parameter_groups_skip_decay_on_biases_norms_and_embeddings():
 def test_routing_settings_reach_every_moe_layer_once():
     m = ImageClassifier(**{**TINY, "model_kwargs": {**TINY["model_kwargs"], "depth": 4}}, num_experts=4,
                         eval_capacity_factor=0.5, batch_priority=True, group_size=17, bfloat16_dispatch=True)
-    layers = [layer for _, layer in iter_moe_layers(m.model)]
+    layers = [layer for _, layer in iter_moe_mlps(m.model)]
     assert len(layers) == 2
     assert all(layer.settings == RoutingSettings(k=2, capacity_factor=1.05, eval_capacity_factor=0.5,
                                                  batch_priority=True, group_size=17, noise_std=1.0,
                                                  bfloat16_dispatch=True) for layer in layers)
     m = ImageClassifier(**TINY, num_experts=4)  # None: the training factor
     assert all(layer.settings.eval_capacity_factor == layer.settings.capacity_factor == 1.05
-               for _, layer in iter_moe_layers(m.model))
+               for _, layer in iter_moe_mlps(m.model))
     # the module no longer pushes settings at stage starts: a set_routing change stays
     assert not hasattr(m, "apply_routing_settings")
 

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..moe.dispatch import AutoDispatch, Dispatch, DispatchPrecision, moe_combine
+from ..moe.dispatch import Dispatch, DispatchPrecision, moe_combine
+from ..moe.dispatch_choice import AutoDispatch
 from ..moe.routing import Routing
 from .groups import ExpertParallelGroups
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..moe.build import iter_moe_layers
+from ..moe.build import iter_moe_mlps
 from .alltoall import ExpertParallel, ExpertParallelDispatch
 from .groups import ExpertParallelGroups
 
@@ -26,7 +26,7 @@ __all__ = ["shard_experts", "unshard_experts", "sharded_layers", "expert_paramet
 
 def sharded_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(qualified name, layer) of every MoE layer whose experts are sharded."""
-    for name, layer in iter_moe_layers(model):
+    for name, layer in iter_moe_mlps(model):
         if layer.expert_parallel is not None:
             yield name, layer
 
@@ -49,7 +49,7 @@ def shard_experts(model: nn.Module, groups: ExpertParallelGroups, *, src: int | 
     sharded with the same layout are left alone, so calling this again is harmless.
     """
     names = []
-    for name, layer in iter_moe_layers(model):
+    for name, layer in iter_moe_mlps(model):
         if not layer.supports_expert_parallel:
             raise ValueError(f"MoE layer {name!r} ({type(layer).__name__}) does not support expert parallelism; "
                              "it supports MoEMlp-style layers (router + sort-based dispatch, stacked experts)")

@@ -16,8 +16,8 @@ _NAMES = {
                     "vmoe.models.jax_checkpoint"),
     "save_pretrained": "vmoe.models.hub",
     **dict.fromkeys(["TIMM_NAMES", "UPCYCLE_FROM"], "vmoe.models.timm_names"),
-    **dict.fromkeys(["block_index", "moe_block_indices", "moe_layers_by_block", "aux_loss", "set_routing",
-                     "routing_settings", "capture_routing"], "vmoe.models.moe_layers"),
+    **dict.fromkeys(["block_index", "moe_block_indices", "moe_mlps_by_block", "aux_loss", "set_routing",
+                     "routing_settings", "capture_routing"], "vmoe.models.moe_mlps"),
     "upcycle_state_dict": "vmoe.models.upcycle_weights",
 }
 __all__ = list(_NAMES)

@@ -121,7 +121,7 @@ def convert_to_moe(model: nn.Module, moe: MoEConfig | None = None, **settings: A
         counts = moe.experts_per_layer(len(indices))
     except ValueError as err:
         raise ValueError(f"{err}: MoE blocks {indices}") from None
-    routing = moe.routing
+    routing = moe.settings
     if moe.router == "soft" and routing.group_size is None:
         # Soft MoE mixes the tokens of one image (the paper's setting), not of the whole batch.
         routing = routing.replace(group_size=_tokens_per_image(model))

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ..moe import iter_moe_layers
+from ..moe import iter_moe_mlps
 from ..moe.ensemble import EnsembleMoEMlp
 from .vit_prelogits import PreLogitsViT
 
@@ -79,7 +79,7 @@ def to_ensemble(model: nn.Module) -> nn.Module:
     The ensemble size comes from the blocks (all must agree); the repeat goes before the first block
     with an MoE layer. A model without ensemble blocks is returned unchanged.
     """
-    layers = [(name, layer) for name, layer in iter_moe_layers(model)]
+    layers = [(name, layer) for name, layer in iter_moe_mlps(model)]
     ensemble = [(name, layer) for name, layer in layers if isinstance(layer, EnsembleMoEMlp)]
     if not ensemble:
         return model

@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from ..moe import MoEBlock, SoftMoEMlp, is_moe_layer
+from ..moe import MoEMlpBase, SoftMoEMlp, is_moe_mlp
 from .build import create_vmoe
 
 __all__ = ["ModelCost", "model_cost", "choices_per_token", "flops_table", "report"]
@@ -39,7 +39,7 @@ def _linear_flops(tokens: int, layer: nn.Linear) -> int:
     return 2 * tokens * layer.in_features * layer.out_features
 
 
-def choices_per_token(layer: MoEBlock, group_size: int) -> float:
+def choices_per_token(layer: MoEMlpBase, group_size: int) -> float:
     """Experts that process a token, on average, in a routing group of ``group_size`` tokens (S).
 
     Top-k routers (including ``dense``, whose k is E): min(K, E * C / S) with C the block's capacity per
@@ -64,7 +64,7 @@ def choices_per_token(layer: MoEBlock, group_size: int) -> float:
     return min(float(k), slots)
 
 
-def _moe_cost(tokens: int, layer: MoEBlock, batch_size: int = 1) -> tuple[int, int]:
+def _moe_cost(tokens: int, layer: MoEMlpBase, batch_size: int = 1) -> tuple[int, int]:
     """(forward FLOPs, parameters not active for a token) of one MoE layer per image of ``tokens`` tokens,
     in routing groups of the layer's ``group_size`` (None: the whole batch of ``batch_size`` images, as in
     the forward). Soft MoE: every token reaches every
@@ -109,7 +109,7 @@ def model_cost(model: nn.Module, name: str | None = None, batch_size: int = 1) -
         dim = attn.qkv.in_features
         flops += _linear_flops(tokens, attn.qkv) + _linear_flops(tokens, attn.proj)
         flops += 2 * 2 * tokens * tokens * dim  # scores q k^T and the weighted sum of v, over all heads
-        if is_moe_layer(block.mlp):
+        if is_moe_mlp(block.mlp):
             moe_flops, moe_inactive = _moe_cost(tokens, block.mlp, batch_size)
             flops += moe_flops
             inactive += moe_inactive

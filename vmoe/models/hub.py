@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..io import atomic_path
-from ..moe import iter_moe_layers
+from ..moe import iter_moe_mlps
 from .naming import is_vmoe_architecture
 
 __all__ = ["save_pretrained"]
@@ -44,7 +44,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, mode
         raise ValueError(f"save_pretrained needs a model built by timm (with a pretrained_cfg naming its "
                          f"architecture); got {type(model).__name__}")
     arch = cfg["architecture"]
-    if any(True for _ in iter_moe_layers(model)) and not is_vmoe_architecture(arch):
+    if any(True for _ in iter_moe_mlps(model)) and not is_vmoe_architecture(arch):
         raise ValueError(f"the model has MoE layers but calls itself {arch!r} (a dense architecture): build it with "
                          "vmoe.models.create_vmoe / convert_to_moe / a vmoe_* name, or pass the architecture's "
                          "model_args yourself")

@@ -15,7 +15,7 @@ from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from ..moe import iter_moe_layers
+from ..moe import iter_moe_mlps
 from .checkpoint import extract_state_dict
 
 __all__ = ["upcycle_state_dict", "EXPERT_FROM_DENSE"]
@@ -83,7 +83,7 @@ def upcycle_state_dict(
         state = checkpoint_filter_fn(state, model)  # foreign layouts, patch/pos-embed resampling
         _log_resampled(before, state, model)
     plan = _Upcycling(state, _classifier_keys(model), expert_noise, router_init_std, generator)
-    moe_prefixes = [name + "." for name, _ in iter_moe_layers(model)]
+    moe_prefixes = [name + "." for name, _ in iter_moe_mlps(model)]
     # One pass in the model's key order, so the random draws (expert noise, router) are reproducible.
     for key, fresh in model.state_dict().items():
         prefix = next((p for p in moe_prefixes if key.startswith(p)), None)

@@ -5,16 +5,16 @@ from typing import Iterator
 
 from torch import nn
 
-from .block import MoEBlock
+from .mlp_base import MoEMlpBase
 from .ensemble import EnsembleMoEMlp
 from .layer import MoEMlp
 from .routers import ROUTERS
 from .soft import SoftMoEMlp
 
-__all__ = ["BLOCKS", "available_routers", "build_moe_mlp", "is_moe_layer", "iter_moe_layers"]
+__all__ = ["BLOCKS", "available_routers", "build_moe_mlp", "is_moe_mlp", "iter_moe_mlps"]
 
 # Schemes whose block is not "router + sort-based dispatch" (MoEMlp); every other name is a router.
-BLOCKS: dict[str, type[MoEBlock]] = {"soft": SoftMoEMlp, "ensemble": EnsembleMoEMlp}
+BLOCKS: dict[str, type[MoEMlpBase]] = {"soft": SoftMoEMlp, "ensemble": EnsembleMoEMlp}
 
 
 def available_routers() -> list[str]:
@@ -22,7 +22,7 @@ def available_routers() -> list[str]:
     return sorted(set(ROUTERS) | set(BLOCKS))
 
 
-def build_moe_mlp(*, router: str = "vmoe", **kwargs) -> MoEBlock:
+def build_moe_mlp(*, router: str = "vmoe", **kwargs) -> MoEMlpBase:
     """An MoE block taking timm Mlp arguments (in_features, hidden_features, act_layer, bias, drop)
     plus the MoE settings of :class:`MoEMlp`. ``router="soft"`` builds a :class:`SoftMoEMlp`, any
     registered router name an :class:`MoEMlp` with that router."""
@@ -33,14 +33,14 @@ def build_moe_mlp(*, router: str = "vmoe", **kwargs) -> MoEBlock:
     return MoEMlp(router=router, **kwargs)
 
 
-def is_moe_layer(module: nn.Module) -> bool:
-    """True for every MoE block: an instance of :class:`MoEBlock` (aux_loss, metrics, last_routing,
+def is_moe_mlp(module: nn.Module) -> bool:
+    """True for every MoE block: an instance of :class:`MoEMlpBase` (aux_loss, metrics, last_routing,
     num_experts, experts, routing settings)."""
-    return isinstance(module, MoEBlock)
+    return isinstance(module, MoEMlpBase)
 
 
-def iter_moe_layers(model: nn.Module) -> Iterator[tuple[str, MoEBlock]]:
+def iter_moe_mlps(model: nn.Module) -> Iterator[tuple[str, MoEMlpBase]]:
     """(qualified name, module) of every MoE block in ``model``, in registration order."""
     for name, module in model.named_modules():
-        if is_moe_layer(module):
+        if is_moe_mlp(module):
             yield name, module

@@ -2,7 +2,7 @@
 
 :class:`MoEConfig` is what ``create_vmoe``, ``convert_to_moe``, the timm registry names, ``upcycle`` and
 the Lightning module build a V-MoE from: one object, checked when it is made, passed down unchanged. Its
-``routing`` is the :class:`vmoe.moe.RoutingSettings` every MoE block is built with.
+``settings`` is the :class:`vmoe.moe.RoutingSettings` every MoE block is built with.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class MoEConfig:
 
     moe_layers: "every-n" (blocks n-1, 2n-1, ...), "last-n" (the last n odd blocks) or a list of block
     indices. num_experts: E for every MoE block, or one E per MoE block (in block order). router: the
-    routing scheme (``vmoe.moe.available_routers()``). routing: the :class:`RoutingSettings` of every block
+    routing scheme (``vmoe.moe.available_routers()``). settings: the :class:`RoutingSettings` of every block
     (k, capacity factors, BPR, group size, noise, bfloat16 dispatch; unset = the scheme's default).
     moe_kwargs: further MoE block arguments (router_kwargs, importance_weight, expert_granularity,
     num_shared_experts, residual, dispatch, ...).
@@ -38,7 +38,7 @@ class MoEConfig:
     moe_layers: str | Sequence[int] = "every-2"
     num_experts: int | Sequence[int] = 8
     router: str = "vmoe"
-    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    settings: RoutingSettings = field(default_factory=RoutingSettings)
     moe_kwargs: Mapping[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -51,8 +51,8 @@ class MoEConfig:
             check_positive_int("num_experts", self.num_experts)
         if not isinstance(self.router, str):  # the name itself is checked where the block is built
             raise ValueError(f"router must be a routing scheme name, got {self.router!r}")
-        if not isinstance(self.routing, RoutingSettings):
-            raise TypeError(f"routing must be a RoutingSettings, got {type(self.routing).__name__}")
+        if not isinstance(self.settings, RoutingSettings):
+            raise TypeError(f"settings must be a RoutingSettings, got {type(self.settings).__name__}")
         clash = sorted(set(self.moe_kwargs or {}) & set(self.field_names() + _MLP_ARGS + ("settings",)))
         if clash:
             raise ValueError(f"moe_kwargs repeats arguments set elsewhere: {clash}; pass them directly")
@@ -60,7 +60,7 @@ class MoEConfig:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The flat setting names, also the keyword names of create_vmoe / convert_to_moe / ImageClassifier."""
-        return tuple(f.name for f in fields(cls) if f.name != "routing") + RoutingSettings.field_names()
+        return tuple(f.name for f in fields(cls) if f.name != "settings") + RoutingSettings.field_names()
 
     @classmethod
     def from_flat(cls, **settings: Any) -> "MoEConfig":
@@ -70,7 +70,7 @@ class MoEConfig:
             raise ValueError(f"unknown MoE settings {unknown}; valid: {list(cls.field_names())}")
         routing_names = set(RoutingSettings.field_names())
         routing = RoutingSettings(**{key: value for key, value in settings.items() if key in routing_names})
-        return cls(routing=routing, **{key: value for key, value in settings.items() if key not in routing_names})
+        return cls(settings=routing, **{key: value for key, value in settings.items() if key not in routing_names})
 
     @classmethod
     def split(cls, kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
@@ -82,8 +82,8 @@ class MoEConfig:
 
     def flat(self) -> dict[str, Any]:
         """The config as flat keywords (the inverse of :meth:`from_flat`)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "routing"}
-        return {**out, **dataclasses.asdict(self.routing)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
+        return {**out, **dataclasses.asdict(self.settings)}
 
     def replace(self, **changes: Any) -> "MoEConfig":
         """A copy with flat ``changes`` (placement or routing names) applied."""

@@ -11,7 +11,7 @@ capacity C, and returns the combined expert output [N, D_out]. The strategies:
   index, one batched matmul, combined by index; static shapes, no host sync: for torch.compile,
   torch.export, CUDA graphs and GPUs.
 - ``"reference"`` (:class:`ReferenceDispatch`): the plain per-expert loop, for reading and for tests.
-- ``"auto"`` (:class:`AutoDispatch`): static when compiling/exporting or off the CPU, sorted on CPU eager
+- ``"auto"`` (:class:`vmoe.moe.dispatch_choice.AutoDispatch`, beside ``build_dispatch``, which picks a strategy by name): static when compiling/exporting or off the CPU, sorted on CPU eager
   (what ``scripts/bench_moe.py`` measured to be faster on each).
 - expert parallelism (:class:`vmoe.distributed.ExpertParallelDispatch`): sorted, with all-to-all.
 
@@ -31,8 +31,7 @@ from torch import Tensor
 from .routing import Routing
 
 __all__ = ["SortedAssignments", "sort_assignments", "moe_combine", "combine_reference", "Dispatch",
-           "DispatchPrecision", "SortedDispatch", "ReferenceDispatch", "AutoDispatch", "DISPATCHES",
-           "build_dispatch", "compute_dtype"]
+           "DispatchPrecision", "SortedDispatch", "ReferenceDispatch", "compute_dtype"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -188,43 +187,3 @@ class ReferenceDispatch(Dispatch):
 
     def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
         return combine_reference(x, routing, experts.forward_expert, experts.num_experts, self.precision)
-
-
-class AutoDispatch(Dispatch):
-    """Static-capacity under torch.compile/export and off the CPU; sorted on CPU eager."""
-
-    name = "auto"
-
-    def __init__(self, precision: DispatchPrecision | None = None) -> None:
-        super().__init__(precision)
-        from .static_dispatch import StaticCapacityDispatch
-        self.sorted, self.static = SortedDispatch(self.precision), StaticCapacityDispatch(self.precision)
-
-    def with_precision(self, precision: DispatchPrecision) -> "AutoDispatch":
-        return AutoDispatch(precision)
-
-    def resolve(self, x: Tensor) -> Dispatch:
-        if torch.compiler.is_compiling() or x.device.type != "cpu":
-            return self.static
-        return self.sorted
-
-    def __call__(self, x: Tensor, routing: Routing, experts, capacity: int) -> Tensor:
-        return self.resolve(x)(x, routing, experts, capacity)
-
-
-def _static(precision: DispatchPrecision | None) -> Dispatch:
-    from .static_dispatch import StaticCapacityDispatch
-    return StaticCapacityDispatch(precision)
-
-
-DISPATCHES: dict[str, Callable[[DispatchPrecision | None], Dispatch]] = {
-    "auto": AutoDispatch, "sorted": SortedDispatch, "static": _static, "reference": ReferenceDispatch}
-
-
-def build_dispatch(dispatch: str | Dispatch, precision: DispatchPrecision | None = None) -> Dispatch:
-    """A strategy by name (``auto``, ``sorted``, ``static``, ``reference``), or ``dispatch`` itself."""
-    if isinstance(dispatch, Dispatch):
-        return dispatch
-    if dispatch not in DISPATCHES:
-        raise ValueError(f"unknown dispatch {dispatch!r}; valid: {sorted(DISPATCHES)} or a Dispatch object")
-    return DISPATCHES[dispatch](precision)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import compute_dtype
-from .expert_loop import expert_mlp_blocks
+from .expert_blocks import expert_mlp_blocks
 from .grad_buffers import GradientBuffers
 
 __all__ = ["StackedExperts", "grouped_mm_helps"]

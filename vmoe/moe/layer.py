@@ -6,10 +6,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .block import MoEBlock
+from .mlp_base import MoEMlpBase
 from .capacity import compute_capacity, expert_choice_capacity
 from .checks import check_positive_int
-from .dispatch import Dispatch, DispatchPrecision, build_dispatch
+from .dispatch import Dispatch, DispatchPrecision
+from .dispatch_choice import build_dispatch
 from .experts import StackedExperts
 from .routers import Router, build_router, router_class
 from .routing import Routing
@@ -19,7 +20,7 @@ from .shared_experts import ResidualMLP, SharedExperts, fine_grained
 __all__ = ["MoEMlp"]
 
 
-class MoEMlp(MoEBlock):
+class MoEMlp(MoEMlpBase):
     """Sparse mixture of expert MLPs, constructed like ``timm.layers.Mlp`` plus the MoE settings.
 
     Tokens of the input [B, T, D] are split into routing groups of ``group_size`` consecutive tokens

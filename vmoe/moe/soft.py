@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block import MoEBlock
+from .mlp_base import MoEMlpBase
 from .experts import StackedExperts
 from .routing import Routing
 from .settings import RoutingSettings, settings_from_arguments
@@ -17,7 +17,7 @@ from .settings import RoutingSettings, settings_from_arguments
 __all__ = ["SoftMoEMlp"]
 
 
-class SoftMoEMlp(MoEBlock):
+class SoftMoEMlp(MoEMlpBase):
     """Soft MoE block, constructed like :class:`vmoe.moe.MoEMlp` (``build_moe_mlp(router="soft", ...)``).
 
     Each routing group of S = ``group_size`` tokens (None: all B*T tokens of the forward, as for every

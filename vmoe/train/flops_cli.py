@@ -16,7 +16,7 @@ import yaml
 
 from ..models.build import build_network
 from ..models.flops import flops_table, model_cost, report
-from ..moe import MoEConfig, iter_moe_layers
+from ..moe import MoEConfig, iter_moe_mlps
 
 __all__ = ["load_training_config", "config_cost_table", "main"]
 
@@ -78,7 +78,7 @@ def config_cost_table(paths: Sequence[str]) -> str:
         if moe_layers is not None:
             moe, _ = MoEConfig.split(model)
             net = build_network(backbone, moe=moe, **common)
-            k = next(layer for _, layer in iter_moe_layers(net)).experts_per_token
+            k = next(layer for _, layer in iter_moe_mlps(net)).experts_per_token
             # Only token-choice routers have a K; soft and expert choice are named by their scheme.
             scheme = f"K{k}" if k is not None and moe.router != "expert_choice" else moe.router
             costs.append(model_cost(net, f"V-MoE E{moe.num_experts} {scheme} {moe_layers}"))

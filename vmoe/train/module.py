@@ -13,12 +13,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import aux_loss, block_index
 from ..models.build import build_network
-from ..moe import MoEConfig, iter_moe_layers
+from ..moe import MoEConfig, iter_moe_mlps
 from ..moe.routers import after_optimizer_step
 from .mixup import build_mixup, mix_batch, soft_target_cross_entropy, warn_if_normalisation_differs
 from .schedule import warmup_decay_factor
 
-__all__ = ["ImageClassifier", "build_network"]
+__all__ = ["ImageClassifier"]
 
 def _block_name(qualified: str) -> str:
     """"blocks.3.mlp" -> "block3" (the metric key of a MoE layer); other layouts keep their dotted path."""
@@ -122,7 +122,7 @@ class ImageClassifier(L.LightningModule):
         self.model = build_network(backbone, num_classes=num_classes, img_size=img_size, in_chans=in_chans, moe=moe,
                                    pretrained=pretrained, checkpoint_path=checkpoint_path, model_kwargs=model_kwargs,
                                    upcycle_kwargs=upcycle_kwargs)
-        self.moe_layer_names = {name: _block_name(name) for name, _ in iter_moe_layers(self.model)}
+        self.moe_layer_names = {name: _block_name(name) for name, _ in iter_moe_mlps(self.model)}
         if moe_layers is not None and not self.moe_layer_names:
             raise ValueError(f"moe_layers={moe_layers!r} placed no MoE layer in {backbone}")
         accuracy = {}
@@ -183,7 +183,7 @@ class ImageClassifier(L.LightningModule):
                 metric = self.accuracy[f"{stage}_{top}"]
                 metric(logits.detach(), y)
                 log(f"{stage}/{top}", metric, prog_bar=top == "acc1", sync_dist=False)
-        for name, layer in iter_moe_layers(self.model):
+        for name, layer in iter_moe_mlps(self.model):
             key = self.moe_layer_names.get(name, _block_name(name))
             for metric_name in ("load_cv", "dropped_fraction"):
                 if metric_name in layer.metrics:  # a scheme that drops nothing may not report drops

@@ -1,6 +1,6 @@
 """Run a V-MoE on images and collect what the pictures need: routings, loads, class-expert counts.
 
-Works on any timm VisionTransformer whose ``blocks[i].mlp`` are MoE blocks (:class:`vmoe.moe.MoEBlock`).
+Works on any timm VisionTransformer whose ``blocks[i].mlp`` are MoE blocks (:class:`vmoe.moe.MoEMlpBase`).
 The routing settings (eval capacity factor, BPR) are changed only inside :func:`capacity_settings` and put
 back afterwards, so these helpers can run on a model that is still training. Blocks without capacity (Soft
 MoE: nothing is dropped) have no such settings: they are routed as they are, with capacity None.
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..models import capture_routing, moe_layers_by_block, routing_settings
-from ..moe import MoEBlock
+from ..models import capture_routing, moe_mlps_by_block, routing_settings
+from ..moe import MoEMlpBase
 from ..moe.routing import Routing
 from .status import class_expert_counts, expert_load
 
@@ -24,21 +24,21 @@ __all__ = ["moe_blocks", "has_capacity", "capacity_blocks", "no_capacity_message
            "collect_routing_stats"]
 
 
-def moe_blocks(model: nn.Module) -> dict[int, MoEBlock]:
+def moe_blocks(model: nn.Module) -> dict[int, MoEMlpBase]:
     """{block index: MoE layer} of a timm ViT; ValueError when there is none to picture."""
-    found = moe_layers_by_block(model)
+    found = moe_mlps_by_block(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no MoE layers (MoEBlock modules inside "
+        raise ValueError(f"{type(model).__name__} has no MoE layers (MoEMlpBase modules inside "
                          "blocks.<i>); the routing pictures need a V-MoE")
     return found
 
 
-def has_capacity(layer: MoEBlock) -> bool:
+def has_capacity(layer: MoEMlpBase) -> bool:
     """Whether the block has slots per expert, so that it can drop tokens (False for Soft MoE)."""
     return layer.has_capacity
 
 
-def capacity_blocks(model: nn.Module) -> dict[int, MoEBlock]:
+def capacity_blocks(model: nn.Module) -> dict[int, MoEMlpBase]:
     """{block index: MoE layer} of the blocks that have a capacity (the ones a capacity factor acts on)."""
     return {b: layer for b, layer in moe_blocks(model).items() if has_capacity(layer)}
 
@@ -105,7 +105,7 @@ def route(model: nn.Module, images: Tensor, *, eval_capacity_factor: float | Non
     return logits, {i: Routing(*(t.detach().cpu() for t in r)) for i, r in sorted(routings.items())}
 
 
-def layer_capacity(layer: MoEBlock, batch_size: int, num_tokens: int) -> int | None:
+def layer_capacity(layer: MoEMlpBase, batch_size: int, num_tokens: int) -> int | None:
     """Slots per expert summed over the routing groups of an eval forward of [batch_size, num_tokens];
     None for a block without capacity (Soft MoE: it drops nothing)."""
     n = batch_size * num_tokens

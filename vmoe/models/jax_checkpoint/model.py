@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 from torch import nn
 
+from ...moe.settings import V_MOE_CAPACITY_FACTOR
 from ..build import create_vmoe
 from ..checkpoint import load_weights
 from .architecture import ReferenceArchitecture, infer_architecture
@@ -19,7 +20,7 @@ BACKBONE = "vmoe_vit_prelogits"
 
 
 def reference_model_config(arch: ReferenceArchitecture, *, k: int | None = None, group_size: int | None = None,
-                           capacity_factor: float = 1.05, eval_capacity_factor: float | None = None,
+                           capacity_factor: float = V_MOE_CAPACITY_FACTOR, eval_capacity_factor: float | None = None,
                            batch_priority: bool = False, bfloat16_dispatch: bool = False,
                            noise_std: float = 1.0) -> dict[str, Any]:
     """``create_vmoe`` keyword arguments building the model of ``arch`` with these routing settings.
@@ -29,15 +30,13 @@ def reference_model_config(arch: ReferenceArchitecture, *, k: int | None = None,
     """
     ensemble = arch.ensemble_size > 1
     moe_kwargs: dict[str, Any] = {}
-    if bfloat16_dispatch:
-        moe_kwargs["bfloat16_dispatch"] = True
     if ensemble:
         moe_kwargs["ensemble_size"] = arch.ensemble_size
     experts = arch.num_experts[0] if len(set(arch.num_experts)) == 1 else list(arch.num_experts)
     return dict(backbone=BACKBONE, moe_layers=list(arch.moe_layers), num_experts=experts,
                 k=k if k is not None else (1 if ensemble else 2), capacity_factor=capacity_factor,
                 eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority, noise_std=noise_std,
-                group_size=group_size, router="ensemble" if ensemble else "vmoe", moe_kwargs=moe_kwargs or None,
+                group_size=group_size, bfloat16_dispatch=bfloat16_dispatch, router="ensemble" if ensemble else "vmoe", moe_kwargs=moe_kwargs or None,
                 **arch.timm_kwargs())
 
 
@@ -61,7 +60,7 @@ def build_reference_model(arrays: Mapping[str, np.ndarray], *, ensemble_size: in
 
 
 def load_reference(prefix: str | os.PathLike, *, k: int | None = None, group_size: int | None = None,
-                   capacity_factor: float = 1.05, eval_capacity_factor: float | None = None,
+                   capacity_factor: float = V_MOE_CAPACITY_FACTOR, eval_capacity_factor: float | None = None,
                    batch_priority: bool = False, bfloat16_dispatch: bool = False,
                    ensemble_size: int | None = None) -> nn.Module:
     """A released V-MoE / E³ checkpoint (``<prefix>.index`` + ``<prefix>.data-*``) as a timm model.

@@ -13,9 +13,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..moe import MoEBlock, Routing, iter_moe_layers
+from ..moe import MoEMlpBase, Routing, iter_moe_mlps
 
-__all__ = ["block_index", "moe_layers_by_block", "moe_block_indices", "aux_loss", "set_routing",
+__all__ = ["block_index", "moe_mlps_by_block", "moe_block_indices", "aux_loss", "set_routing",
            "routing_settings", "capture_routing"]
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -27,11 +27,11 @@ def block_index(name: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
-def moe_layers_by_block(model: nn.Module) -> dict[int, MoEBlock]:
+def moe_mlps_by_block(model: nn.Module) -> dict[int, MoEMlpBase]:
     """{block index: MoE layer} for every MoE layer under ``blocks.<i>.`` (wrappers such as DDP's
     "module." prefix are fine). Raises ValueError for an MoE layer outside the blocks."""
-    found: dict[int, MoEBlock] = {}
-    for name, layer in iter_moe_layers(model):
+    found: dict[int, MoEMlpBase] = {}
+    for name, layer in iter_moe_mlps(model):
         index = block_index(name)
         if index is None:
             raise ValueError(f"MoE layer {name!r} is not inside a `blocks.<i>` module")
@@ -41,28 +41,28 @@ def moe_layers_by_block(model: nn.Module) -> dict[int, MoEBlock]:
 
 def moe_block_indices(model: nn.Module) -> list[int]:
     """Sorted indices of the blocks whose MLP is an MoE layer."""
-    return sorted(moe_layers_by_block(model))
+    return sorted(moe_mlps_by_block(model))
 
 
 def aux_loss(model: nn.Module) -> Tensor:
     """Sum of the weighted auxiliary losses of every MoE layer from its latest forward (in the graph).
 
     A model without MoE layers gives a 0 scalar."""
-    losses = [layer.aux_loss for _, layer in iter_moe_layers(model)]
+    losses = [layer.aux_loss for _, layer in iter_moe_mlps(model)]
     if not losses:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)
     return torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
 
 
-def _moe_layers(model: nn.Module, action: str) -> list[MoEBlock]:
-    layers = [layer for _, layer in iter_moe_layers(model)]
+def _moe_layers(model: nn.Module, action: str) -> list[MoEMlpBase]:
+    layers = [layer for _, layer in iter_moe_mlps(model)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE layers to {action}")
     return layers
 
 
-def set_routing(model: nn.Module, *, layers: Sequence[MoEBlock] | None = None, **changes: Any) -> int:
+def set_routing(model: nn.Module, *, layers: Sequence[MoEMlpBase] | None = None, **changes: Any) -> int:
     """Change routing settings on every MoE layer of a (trained) model without touching weights: the one
     way to change them (``block.settings = block.settings.replace(...)`` per layer).
 
@@ -83,7 +83,7 @@ def set_routing(model: nn.Module, *, layers: Sequence[MoEBlock] | None = None, *
 
 
 @contextlib.contextmanager
-def routing_settings(model: nn.Module, *, layers: Sequence[MoEBlock] | None = None,
+def routing_settings(model: nn.Module, *, layers: Sequence[MoEMlpBase] | None = None,
                      **changes: Any) -> Iterator[None]:
     """:func:`set_routing` inside the ``with``; every layer's exact settings are put back on exit, also
     after an exception."""
@@ -109,7 +109,7 @@ def capture_routing(model: nn.Module) -> Iterator[dict[int, Routing]]:
     slot_index with -1 = dropped, combine_weights), overwritten by each forward so it holds the latest.
     The hooks are removed on exit, also after an exception.
     """
-    layers = moe_layers_by_block(model)
+    layers = moe_mlps_by_block(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE layers whose routing could be captured")
     captured: dict[int, Routing] = {}

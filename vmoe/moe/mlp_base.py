@@ -12,10 +12,10 @@ from .experts import StackedExperts
 from .routing import Routing
 from .settings import RoutingSettings
 
-__all__ = ["MoEBlock"]
+__all__ = ["MoEMlpBase"]
 
 
-class MoEBlock(nn.Module):
+class MoEMlpBase(nn.Module):
     """Base of the MoE blocks: a drop-in for timm's Mlp on x [B, T, D] with E stacked experts.
 
     Attributes every block has:
