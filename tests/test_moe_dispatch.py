@@ -202,7 +202,7 @@ def test_expert_parallel_is_a_dispatch_strategy():
 @pytest.mark.parametrize("router", ["deepseek", "deepseek_v3", "dense", "expert_choice", "gshard", "mixtral",
                                     "shazeer", "switch", "vmoe"])
 def test_static_dispatch_fits_every_router(router):
-    # Every router keeps its slots below router.capacity(S), the size of the static buffers.
+    # Every router keeps its slots below the block's capacity(S), the size of the static buffers.
     layer = MoEMlp(16, 32, num_experts=4, router=router).eval()
     x = torch.randn(2, 6, 16)
     layer.dispatch = "reference"

@@ -180,7 +180,7 @@ def test_bad_inputs():
         layer.settings = layer.settings.replace(capacity_factor=0)
     with pytest.raises(ValueError, match="capacity_factor must be > 0 for router NoisyTopKRouter, got None"):
         layer.settings = layer.settings.replace(capacity_factor=None)
-    assert layer.settings.capacity_factor == 1.05  # a refused change leaves the settings as they were
+    assert layer.settings.capacity_factor == 1.0  # a refused change leaves the settings as they were (make_layer: 1.0)
 
 
 @pytest.mark.parametrize("bias", [True, False])

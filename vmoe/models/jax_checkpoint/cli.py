@@ -27,8 +27,9 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _fit_model_section(create: dict[str, Any], weights: Path) -> dict[str, Any]:
-    moe_names = ("moe_layers", "num_experts", "k", "capacity_factor", "eval_capacity_factor", "batch_priority",
-                 "noise_std", "group_size", "router", "moe_kwargs")
+    from ...moe.config import MoEConfig  # imported when converting, so that `vmoe convert --help` stays light
+
+    moe_names = MoEConfig.field_names()
     vit = {key: value for key, value in create.items()
            if key not in moe_names and key not in _VIT_FROM_DATA and key != "backbone"}
     section = {"backbone": create["backbone"], "model_kwargs": vit, "checkpoint_path": str(weights)}
