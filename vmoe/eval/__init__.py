@@ -1,6 +1,6 @@
 """Evaluation beyond the training metrics: few-shot linear evaluation of frozen features (V-MoE paper)."""
-from .fewshot import (DEFAULT_L2_GRID, draw_shots, fewshot_evaluate, format_fewshot_table, pm1_targets, ridge_fit,
-                      ridge_predict, select_l2)
+from .fewshot import (BIAS_COLUMN, REFERENCE_L2_GRID, LinearProbe, linear_probe_accuracies, linear_probe_accuracy,
+                      mean_rank_choice, reference_shot_seed, shot_draw)
 
-__all__ = ["DEFAULT_L2_GRID", "draw_shots", "fewshot_evaluate", "format_fewshot_table", "pm1_targets", "ridge_fit",
-           "ridge_predict", "select_l2"]
+__all__ = ["BIAS_COLUMN", "REFERENCE_L2_GRID", "LinearProbe", "linear_probe_accuracies", "linear_probe_accuracy",
+           "mean_rank_choice", "reference_shot_seed", "shot_draw"]
