@@ -7,59 +7,69 @@
 
 Logs ``fewshot/{n}shot`` (and ``fewshot/{n}shot_l2``, the chosen strength) after the epoch's validation.
 During training the accuracy is measured on the validation split by default, so the test split stays
-untouched until ``vmoe fewshot`` / ``vmoe test``. Every rank runs the same evaluation on the same images
-(forwards stay collective under expert parallelism) and logs the same values.
+untouched until ``vmoe fewshot`` / ``vmoe test``. The default protocol is the reference's (``vmoe.eval.protocol``):
+the L2 of the grid with the best mean rank of that split's accuracy over the shot seeds. Every rank runs the same
+evaluation on the same images (forwards stay collective under expert parallelism) and logs the same values.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from .features import few_shot_features
-from .fewshot import DEFAULT_L2_GRID, fewshot_evaluate, format_fewshot_table
+from .features import few_shot_features, plan_fewshot
+from .fewshot import REFERENCE_L2_GRID, check_l2_grid, check_num_classes
+from .protocol import check_protocol, check_shots, evaluate, format_fewshot_table, shot_seeds
 
 __all__ = ["FewShotEvaluation"]
 
 
 class FewShotEvaluation(Callback):
-    """Run the few-shot evaluation of ``vmoe.eval.fewshot`` on the module's network every ``every_n_epochs``.
+    """Run the few-shot evaluation of ``vmoe.eval.protocol`` on the module's network every ``every_n_epochs``.
 
-    pool / split: datamodule splits the shots are drawn from and the accuracy is measured on; per class,
-    max(shots) + holdout_per_class pool images are drawn with ``seed`` (the same images every epoch).
-    max_test: use only the first N images of ``split`` (None = all).
+    pool / split: datamodule splits the shots are drawn from and the accuracy is measured on.
+    l2_selection: "mean_rank" (the reference's; uses the labels of ``split``) or "heldout" (best accuracy on
+    ``holdout_per_class`` further pool images per class, default 20). num_seeds: shot draws averaged over,
+    seeded from ``seed`` as the reference does (the same images every epoch). max_test: use only the first N
+    images of ``split`` (None = all).
     """
 
-    def __init__(self, every_n_epochs: int = 1, shots: Sequence[int] = (1, 5, 10), l2_grid: Sequence[float] =
-                 DEFAULT_L2_GRID, holdout_per_class: int = 20, pool: str = "train", split: str = "val",
-                 max_test: int | None = None, seed: int = 0, batch_size: int = 256, verbose: bool = True) -> None:
+    def __init__(self, every_n_epochs: int = 1, shots: Sequence[int] = (1, 5, 10),
+                 l2_grid: Sequence[float] = REFERENCE_L2_GRID, l2_selection: str = "mean_rank",
+                 holdout_per_class: Optional[int] = None, num_seeds: int = 1, pool: str = "train",
+                 split: str = "val", max_test: int | None = None, seed: int = 0, batch_size: int = 256,
+                 verbose: bool = True) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if not shots or any(int(n) < 1 for n in shots):
-            raise ValueError(f"shots must be a non-empty list of counts >= 1, got {list(shots)}")
-        if not l2_grid or any(not float(v) > 0 for v in l2_grid):
-            raise ValueError(f"l2_grid must be a non-empty list of values > 0, got {list(l2_grid)}")
+        self.shots = check_shots(shots)
+        self.l2_grid = check_l2_grid(l2_grid).tolist()
+        self.holdout = check_protocol(l2_selection, holdout_per_class, num_seeds)
         if pool not in ("train", "val") or split not in ("val", "test") or pool == split:
             raise ValueError(f"pool must be 'train' or 'val' and split 'val' or 'test' (different splits), got "
                              f"pool={pool!r}, split={split!r}")
-        if holdout_per_class < 1:
-            raise ValueError(f"holdout_per_class must be >= 1, got {holdout_per_class}")
-        self.every_n_epochs, self.shots, self.l2_grid = every_n_epochs, [int(n) for n in shots], list(l2_grid)
-        self.holdout_per_class, self.pool, self.split = holdout_per_class, pool, split
-        self.max_test, self.seed, self.batch_size, self.verbose = max_test, seed, batch_size, verbose
+        if max_test is not None and max_test < 1:
+            raise ValueError(f"max_test must be >= 1 (or None for the whole split), got {max_test}")
+        self.every_n_epochs, self.l2_selection, self.num_seeds = every_n_epochs, l2_selection, num_seeds
+        self.pool, self.split, self.max_test, self.seed = pool, split, max_test, seed
+        self.batch_size, self.verbose = batch_size, verbose
         self.last_rows: list[dict] | None = None
 
     def evaluate(self, network, datamodule) -> list[dict]:
         """The few-shot rows for ``network`` on ``datamodule`` (both splits must be set up)."""
         if getattr(datamodule, f"{self.split}_set", None) is None:
             datamodule.setup("test" if self.split == "test" else "validate")
-        pool_x, pool_y, test_x, test_y = few_shot_features(
-            network, datamodule, pool_split=self.pool, test_split=self.split,
-            per_class=max(self.shots) + self.holdout_per_class, seed=self.seed, max_test=self.max_test,
-            batch_size=self.batch_size)
-        return fewshot_evaluate(pool_x, pool_y, test_x, test_y, datamodule.num_classes, self.shots, self.l2_grid,
-                                self.seed)
+        plan = plan_fewshot(datamodule, pool_split=self.pool, test_split=self.split,
+                            per_class=max(self.shots) + self.holdout, seeds=shot_seeds(self.seed, self.num_seeds),
+                            max_test=self.max_test)
+        task = few_shot_features(network, plan, self.batch_size)
+        return evaluate(task, self.shots, self.l2_grid, self.l2_selection, type(datamodule).__name__)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Refuse a one-class dataset before training, not after the first epoch.
+        num_classes = getattr(trainer.datamodule, "num_classes", None)
+        if stage == "fit" and num_classes is not None:
+            check_num_classes(num_classes)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # At the end of validation: listed before a weight-averaging callback in trainer.callbacks, this

@@ -3,8 +3,10 @@
     vmoe fewshot --ckpt_path CK [--config TRAINING_YAML | --data ...] --shots 1,5,10,25 [--out fewshot.json]
 
 The dataset is chosen like ``vmoe visualize`` chooses it (--config, else the config.yaml saved with the
-checkpoint; --data.* overrides). Shots and the held-out set come from the training split (evaluation
-transform, no augmentation); accuracy is measured on the test split.
+checkpoint; --data.* overrides). Shots come from the training split (evaluation transform, no augmentation);
+accuracy is measured on the test split. Default protocol: the reference's (L2 grid 2^-10 ... 2^19, the L2 with
+the best mean rank of test accuracy over the shot seeds); ``--l2_selection heldout`` chooses it on held-out
+training images instead.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import torch
 from ..argv import bracket_lists, flag_value
 from ..io import atomic_write
 from ..progress import progress
-from .features import few_shot_features
-from .fewshot import DEFAULT_L2_GRID, fewshot_evaluate, format_fewshot_table
+from .features import few_shot_features, plan_fewshot
+from .fewshot import REFERENCE_L2_GRID
+from .protocol import SELECTIONS, check_protocol, evaluate, format_fewshot_table, shot_seeds
 
 __all__ = ["fewshot_main", "fewshot", "default_output"]
 
@@ -45,13 +48,20 @@ def _parser():
     p.add_argument("--config", type=Optional[str], default=None, help="training YAML whose data section is used")
     p.add_subclass_arguments(LightningDataModule, "data", required=False, help="datamodule (overrides --config)")
     p.add_argument("--shots", type=list[int], default=[1, 5, 10, 25], help="images per class, e.g. 1,5,10,25")
-    p.add_argument("--l2_grid", type=list[float], default=list(DEFAULT_L2_GRID), help="ridge strengths tried")
-    p.add_argument("--holdout_per_class", type=int, default=20,
-                   help="training images per class, beyond the largest shot count, held out to choose the l2")
+    p.add_argument("--l2_grid", type=list[float], default=list(REFERENCE_L2_GRID),
+                   help="ridge strengths tried (default: the reference's 2^-10 ... 2^19)")
+    p.add_argument("--l2_selection", type=str, default="mean_rank",
+                   help="mean_rank (the reference's: best mean rank of the evaluated split's accuracy over the shot "
+                        "seeds; looks at its labels) or heldout (best accuracy on held-out training images)")
+    p.add_argument("--holdout_per_class", type=Optional[int], default=None,
+                   help="with --l2_selection heldout: training images per class, beyond the largest shot count, "
+                        "held out to choose the l2 (default 20)")
+    p.add_argument("--num_seeds", type=int, default=1, help="shot draws to average over (each one seeded from "
+                   "--seed as the reference does)")
     p.add_argument("--pool", type=str, default="train", help="split the shots are drawn from: train or val")
     p.add_argument("--split", type=str, default="test", help="split the accuracy is measured on: test or val")
     p.add_argument("--max_test", type=Optional[int], default=None, help="use the first N images of the split")
-    p.add_argument("--seed", type=int, default=0, help="seeds the pool and the shot draws")
+    p.add_argument("--seed", type=int, default=0, help="seeds the shot draws")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", type=str, default="auto", help="auto (cuda when available), cpu, cuda, ...")
     p.add_argument("--out", type=Optional[str], default=None,
@@ -59,19 +69,29 @@ def _parser():
     return p
 
 
-def _check(p, args) -> None:
+def _check(p, args) -> int:
+    """Refuse bad options through ``p.error`` (exit 2); returns the held-out images per class."""
     if args.data is None:
         p.error("no datamodule: pass --config TRAINING_YAML or --data CLASS; no config.yaml was found next to "
                 "the checkpoint")
     if not args.shots or any(n < 1 for n in args.shots):
         p.error(f"--shots must be a non-empty list of counts >= 1, got {args.shots}")
-    if not args.l2_grid or any(not v > 0 for v in args.l2_grid):
-        p.error(f"--l2_grid must be a non-empty list of values > 0, got {args.l2_grid}")
-    if args.holdout_per_class < 1:
-        p.error(f"--holdout_per_class must be >= 1, got {args.holdout_per_class}")
+    if not args.l2_grid or any(not (math.isfinite(v) and v > 0) for v in args.l2_grid):
+        p.error(f"--l2_grid must be a non-empty list of finite values > 0, got {args.l2_grid}")
+    if args.l2_selection not in SELECTIONS:
+        p.error(f"--l2_selection must be one of {', '.join(SELECTIONS)}, got {args.l2_selection!r}")
+    try:
+        holdout = check_protocol(args.l2_selection, args.holdout_per_class, args.num_seeds)
+    except ValueError as err:
+        p.error(f"--l2_selection {args.l2_selection}: {err}")
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_test is not None and args.max_test < 1:
+        p.error(f"--max_test must be >= 1, got {args.max_test}")
     if args.pool not in ("train", "val") or args.split not in ("test", "val") or args.pool == args.split:
         p.error(f"--pool must be train or val and --split test or val (different splits), got {args.pool!r} and "
                 f"{args.split!r}")
+    return holdout
 
 
 def fewshot(argv: list[str] | None = None) -> list[dict]:
@@ -83,29 +103,33 @@ def fewshot(argv: list[str] | None = None) -> list[dict]:
     ckpt, config = flag_value(argv, "--ckpt_path"), flag_value(argv, "--config")
     source = data_defaults_from_checkpoint(p, ckpt, config)
     args = p.parse_args(argv)
-    _check(p, args)
+    holdout = _check(p, args)
     torch.manual_seed(args.seed)
     dm = p.instantiate(args).data
-    network = load_classifier(args.ckpt_path, args.device).model
     dm.prepare_data()
     dm.setup(None)
-    per_class = max(args.shots) + args.holdout_per_class
-    n_pool = per_class * dm.num_classes
-    n_test = len(getattr(dm, f"{args.split}_set")) if args.max_test is None else args.max_test
-    total = math.ceil(n_pool / args.batch_size) + math.ceil(n_test / args.batch_size)
-    with progress("fewshot features", total) as advance:
-        pool_x, pool_y, test_x, test_y = few_shot_features(
-            network, dm, pool_split=args.pool, test_split=args.split, per_class=per_class, seed=args.seed,
-            max_test=args.max_test, batch_size=args.batch_size, advance=advance)
-    rows = fewshot_evaluate(pool_x, pool_y, test_x, test_y, dm.num_classes, args.shots, args.l2_grid, args.seed)
-    print(f"{type(dm).__name__}: shots from the {args.pool} split ({per_class} per class drawn), accuracy on "
-          f"{test_x.shape[0]} {args.split} images, {pool_x.shape[1]}-d pre-logits features"
+    name = type(dm).__name__
+    try:
+        plan = plan_fewshot(dm, pool_split=args.pool, test_split=args.split, per_class=max(args.shots) + holdout,
+                            seeds=shot_seeds(args.seed, args.num_seeds), max_test=args.max_test)
+    except ValueError as err:
+        p.error(f"{name}: {err}")
+    network = load_classifier(args.ckpt_path, args.device).model
+    with progress("fewshot features", plan.num_images) as advance:
+        task = few_shot_features(network, plan, args.batch_size, advance)
+    rows = evaluate(task, args.shots, args.l2_grid, args.l2_selection, name)
+    chosen = (f"L2 by best mean rank of {args.split} accuracy (the reference's protocol; it looks at the {args.split} "
+              "labels)" if args.l2_selection == "mean_rank" else
+              f"L2 by accuracy on {holdout} held-out {args.pool} images per class")
+    print(f"{name}: shots from the {args.pool} split ({args.num_seeds} seeded draw(s)), accuracy on "
+          f"{task.test_x.shape[0]} {args.split} images, {task.pool_x.shape[1]}-d pre-logits features; {chosen}"
           + (f" (data from {source})" if source else ""))
     print(format_fewshot_table(rows))
     out = args.out or default_output(args.ckpt_path)
     with atomic_write(out) as f:
-        json.dump({"ckpt_path": args.ckpt_path, "datamodule": type(dm).__name__, "pool": args.pool,
-                   "split": args.split, "seed": args.seed, "rows": rows}, f, indent=1)
+        json.dump({"ckpt_path": args.ckpt_path, "datamodule": name, "pool": args.pool, "split": args.split,
+                   "seed": args.seed, "shot_seeds": list(task.seeds), "l2_selection": args.l2_selection,
+                   "l2_grid": [float(v) for v in args.l2_grid], "rows": rows}, f, indent=1)
     print(f"wrote {out}")
     return rows
 

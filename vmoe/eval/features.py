@@ -1,15 +1,20 @@
 """Frozen pre-logits features of a timm ViT for few-shot evaluation, and the pieces around them: the labels of
-a dataset without decoding its images, the seeded per-class pool, the splits with evaluation transforms."""
+a dataset without decoding its images, the seeded nested per-class draws, the splits with evaluation transforms."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["dataset_labels", "select_pool", "split_for_features", "extract_features", "few_shot_features"]
+from .fewshot import check_num_classes, shot_draw
+from .protocol import FewShotTask
+
+__all__ = ["dataset_labels", "draw_pool", "split_for_features", "extract_features", "FewShotPlan", "plan_fewshot",
+           "few_shot_features"]
 
 
 def dataset_labels(dataset: Dataset) -> Tensor:
@@ -28,17 +33,6 @@ def dataset_labels(dataset: Dataset) -> Tensor:
         raise ValueError(f"few-shot evaluation needs a map-style dataset with a length; got {type(dataset).__name__} "
                          "(an iterable dataset such as WebDataset shards cannot be sampled per class)")
     return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
-
-
-def select_pool(labels: Tensor, per_class: int, seed: int) -> Tensor:
-    """Indices of up to ``per_class`` images of every class (all of a smaller class), drawn with ``seed``,
-    sorted. Few-shot draws need only this many, so only these images go through the network."""
-    generator = torch.Generator().manual_seed(int(seed))
-    picked = []
-    for c in labels.unique().tolist():
-        members = (labels == c).nonzero().flatten()
-        picked.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
-    return torch.cat(picked).sort().values
 
 
 def split_for_features(datamodule, split: str) -> Dataset:
@@ -64,7 +58,8 @@ def extract_features(network: nn.Module, dataset: Dataset, indices: Sequence[int
                      batch_size: int = 256, device: torch.device | str | None = None,
                      advance: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
     """(features [N, D] float32 on CPU, labels [N]) of ``dataset`` (or its ``indices``): the network's pre-logits
-    ``forward_head(forward_features(x), pre_logits=True)`` in eval mode; the training mode is restored after."""
+    ``forward_head(forward_features(x), pre_logits=True)`` in eval mode; the training mode is restored after.
+    ``advance(n)`` is called after each batch of n images."""
     if indices is not None:
         dataset = Subset(dataset, [int(i) for i in indices])
     device = device or next(network.parameters()).device
@@ -78,7 +73,7 @@ def extract_features(network: nn.Module, dataset: Dataset, indices: Sequence[int
             features.append(out.float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
             if advance is not None:
-                advance(1)
+                advance(len(y))
     finally:
         network.train(was_training)
     if not features:
@@ -86,15 +81,53 @@ def extract_features(network: nn.Module, dataset: Dataset, indices: Sequence[int
     return torch.cat(features), torch.cat(labels)
 
 
-def few_shot_features(network: nn.Module, datamodule, *, pool_split: str, test_split: str, per_class: int,
-                      seed: int, max_test: int | None = None, batch_size: int = 256,
-                      advance: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(pool_x, pool_y, test_x, test_y): features of ``per_class`` seeded images per class of ``pool_split`` and
-    of the first ``max_test`` (default all) images of ``test_split``."""
+def draw_pool(labels: Tensor, num_classes: int, per_class: int, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(images [P], draws [S, L, per_class]): the reference's nested per-class draw (``shot_draw``) of every seed,
+    over a whole split's labels [N]; ``images`` are the distinct split indices drawn (sorted: only these go
+    through the network) and ``draws`` indexes into them."""
+    if not seeds:
+        raise ValueError("at least one shot seed is needed")
+    full = torch.stack([shot_draw(labels, num_classes, per_class, s) for s in seeds])  # split indices
+    images = full.unique()  # sorted
+    return images, torch.searchsorted(images, full)
+
+
+@dataclass(frozen=True)
+class FewShotPlan:
+    """What a few-shot evaluation reads: the drawn ``images`` [P] of ``pool_set`` with ``draws`` [S, L, Q]
+    indexing into them, and the first ``num_test`` images of ``test_set``."""
+    pool_set: Dataset
+    images: Tensor
+    draws: Tensor
+    test_set: Dataset
+    num_test: int
+    num_classes: int
+    seeds: tuple[int, ...]
+
+    @property
+    def num_images(self) -> int:
+        """Images that go through the network."""
+        return self.images.numel() + self.num_test
+
+
+def plan_fewshot(datamodule, *, pool_split: str, test_split: str, per_class: int, seeds: Sequence[int],
+                 max_test: int | None = None) -> FewShotPlan:
+    """Draw ``per_class`` images of every class of ``pool_split`` per seed of ``seeds`` (NumPy seeds, see
+    ``reference_shot_seed``) and take the first ``max_test`` (default all) images of ``test_split``; reads labels
+    only. ValueError below 2 classes or when a class has fewer than ``per_class`` images."""
+    num_classes = check_num_classes(datamodule.num_classes)
+    if max_test is not None and max_test < 1:
+        raise ValueError(f"max_test must be >= 1 (or None for the whole split), got {max_test}")
     pool_set = split_for_features(datamodule, pool_split)
-    pool_idx = select_pool(dataset_labels(pool_set), per_class, seed)
+    images, draws = draw_pool(dataset_labels(pool_set), num_classes, per_class, seeds)
     test_set = split_for_features(datamodule, test_split)
-    test_idx = None if max_test is None else range(min(max_test, len(test_set)))
-    pool_x, pool_y = extract_features(network, pool_set, pool_idx, batch_size, advance=advance)
-    test_x, test_y = extract_features(network, test_set, test_idx, batch_size, advance=advance)
-    return pool_x, pool_y, test_x, test_y
+    num_test = len(test_set) if max_test is None else min(max_test, len(test_set))
+    return FewShotPlan(pool_set, images, draws, test_set, num_test, num_classes, tuple(int(s) for s in seeds))
+
+
+def few_shot_features(network: nn.Module, plan: FewShotPlan, batch_size: int = 256,
+                      advance: Callable[[int], None] | None = None) -> FewShotTask:
+    """The features of ``plan``'s images under ``network``, as a task for ``vmoe.eval.protocol``."""
+    pool_x, pool_y = extract_features(network, plan.pool_set, plan.images, batch_size, advance=advance)
+    test_x, test_y = extract_features(network, plan.test_set, range(plan.num_test), batch_size, advance=advance)
+    return FewShotTask(pool_x, pool_y, plan.draws, test_x, test_y, plan.num_classes, plan.seeds)

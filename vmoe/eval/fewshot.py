@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BIAS_COLUMN", "REFERENCE_L2_GRID", "LinearProbe", "linear_probe_accuracy", "linear_probe_accuracies",
-           "shot_draw", "reference_shot_seed", "mean_rank_choice", "check_num_classes"]
+           "shot_draw", "reference_shot_seed", "mean_rank_choice", "check_num_classes", "check_l2_grid"]
 
 BIAS_COLUMN = 100.0  # the value of the constant feature that carries the bias
 REFERENCE_L2_GRID = tuple(2.0 ** k for k in range(-10, 20))  # 2^-10 ... 2^19, the reference's common_fewshot
@@ -85,7 +85,7 @@ class LinearProbe:
         _check_features("evaluated set", x, y, self.num_classes)
         if x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"evaluated features have width {x.shape[1]}, the training features {self.mean.shape[0]}")
-        l2 = _check_grid(l2_grid).to(self.eigs)
+        l2 = check_l2_grid(l2_grid).to(self.eigs)
         projected = self._design(x) @ self.left  # [M, r]
         y = y.to(projected.device).long()
         counts = [int(((projected / (self.eigs + v)) @ self.right).argmax(-1).eq(y).sum()) for v in l2.tolist()]
@@ -96,7 +96,7 @@ class LinearProbe:
         return [c / x.shape[0] for c in self.correct(x, y, l2_grid).tolist()]
 
 
-def _check_grid(l2_grid: Sequence[float]) -> Tensor:
+def check_l2_grid(l2_grid: Sequence[float]) -> Tensor:
     values = [float(v) for v in l2_grid]
     if not values or any(not (math.isfinite(v) and v > 0) for v in values):
         raise ValueError(f"the L2 grid must be a non-empty list of finite values > 0, got {list(l2_grid)}")
