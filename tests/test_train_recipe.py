@@ -93,7 +93,8 @@ def test_recipe_fit_logs_lr_fewshot_and_checkpoints_ema_weights(tmp_path, capsys
 
     # vmoe fewshot on the same checkpoint (config.yaml found next to checkpoints/)
     capsys.readouterr()
-    main(["fewshot", "--ckpt_path", str(last), "--shots", "1,5", "--holdout_per_class", "5", "--max_test", "100"])
+    main(["fewshot", "--ckpt_path", str(last), "--shots", "1,5", "--l2_selection", "heldout", "--holdout_per_class", "5",
+          "--max_test", "100"])
     out = capsys.readouterr().out
     assert "1-shot  " in out and "5-shot  " in out
     result = json.loads((log_dir / "fewshot.json").read_text())
