@@ -83,6 +83,12 @@ def _check_depth(task: FewShotTask, needed: int, what: str) -> None:
         raise ValueError(f"{what} needs {needed} drawn images per class, the task has {task.draws.shape[2]}")
 
 
+def _test_accuracies(task: FewShotTask, n: int, grid: list[float]) -> Tensor:
+    """Accuracy [S, G] on the evaluated split of the n-shot probe of every draw at every L2."""
+    return torch.tensor([LinearProbe(*task.shots(s, n), task.num_classes).accuracies(task.test_x, task.test_y, grid)
+                         for s in range(len(task.seeds))], dtype=torch.float64)
+
+
 def evaluate_mean_rank(tasks: Mapping[str, FewShotTask], shots: Sequence[int] = (1, 5, 10, 25),
                        l2_grid: Sequence[float] = REFERENCE_L2_GRID) -> list[dict]:
     """The reference's protocol. For every shot count, each (dataset, seed) ranks the grid by its accuracy on the
@@ -95,10 +101,7 @@ def evaluate_mean_rank(tasks: Mapping[str, FewShotTask], shots: Sequence[int] = 
         raise ValueError("no datasets to evaluate")
     for task in tasks.values():
         _check_depth(task, shots[-1], f"{shots[-1]}-shot")
-    # accs[name][n]: [S, G]
-    accs = {name: {n: torch.tensor([LinearProbe(*task.shots(s, n), task.num_classes).accuracies(
-        task.test_x, task.test_y, grid) for s in range(len(task.seeds))], dtype=torch.float64) for n in shots}
-        for name, task in tasks.items()}
+    accs = {name: {n: _test_accuracies(task, n, grid) for n in shots} for name, task in tasks.items()}
     rows = []
     for n in shots:
         best = mean_rank_choice(torch.cat([accs[name][n] for name in tasks]))
