@@ -15,7 +15,7 @@ from PIL import Image
 from vmoe.eval import REFERENCE_L2_GRID, linear_probe_accuracies, mean_rank_choice, shot_draw
 from vmoe.eval.features import extract_features, split_for_features
 from vmoe.eval.protocol import shot_seeds
-from vmoe.train.cli import main
+from vmoe.cli import main
 from vmoe.train.data import DigitsDataModule
 from vmoe.train.from_checkpoint import load_classifier
 from vmoe.train.module import ImageClassifier
@@ -112,7 +112,7 @@ def test_one_class_dataset_is_refused(tmp_path):
     ck = write_run(tmp_path / "run", dict(MODEL, in_chans=3, num_classes=2), data)
     out = tmp_path / "run" / "fewshot.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "vmoe.train.cli", "fewshot", "--ckpt_path", str(ck), "--shots", "1",
+    proc = subprocess.run([sys.executable, "-m", "vmoe", "fewshot", "--ckpt_path", str(ck), "--shots", "1",
                            "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "ImageFolderDataModule: few-shot evaluation needs at least 2 classes, got num_classes=1" in proc.stderr
