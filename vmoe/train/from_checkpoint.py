@@ -101,7 +101,14 @@ def data_defaults_from_checkpoint(parser: Any, ckpt_path: str | None, config: st
     """For commands that evaluate a checkpoint on a datamodule (visualize, sweep, fewshot): check the
     checkpoint first (a missing or damaged one is reported as such through ``parser.error``, before any
     complaint about the data), then make the training run's ``data`` section the parser's default.
-    Returns where that section came from, or None."""
+    Returns where that section came from, or None.
+
+    A config.yaml found beside the checkpoint (not passed as ``config``) may come from someone else: a class
+    outside vmoe named there is not used (nor imported), and a note says how to choose the data instead."""
+    import sys
+
+    from .config_policy import is_project_class
+
     if ckpt_path is None:
         return None
     try:
@@ -109,6 +116,12 @@ def data_defaults_from_checkpoint(parser: Any, ckpt_path: str | None, config: st
     except ValueError as err:
         parser.error(str(err))
     data, source = resolve_data_config(ckpt_path, config)
+    if data is not None and config is None and not (isinstance(data.get("class_path"), str)
+                                                    and is_project_class(data["class_path"])):
+        sys.stderr.write(f"note: {source} names data class_path {data.get('class_path')!r}, which is not one of "
+                         "vmoe's classes; a config found beside a checkpoint may only name vmoe.* classes, so it is "
+                         "not used (pass --config <a training YAML you trust> or --data CLASS)\n")
+        return None
     if data is not None:
         parser.set_defaults(data=data)
     return source
