@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import yaml
 from torch import nn
 
-from ..models.checkpoint import read_checkpoint
+from ..models.checkpoint import check_finite_weights, read_checkpoint
 
 __all__ = ["STARTING_WEIGHTS", "read_lightning_checkpoint", "classifier_hparams", "load_classifier",
            "resolve_data_config", "data_defaults_from_checkpoint"]
@@ -25,7 +25,7 @@ STARTING_WEIGHTS: dict[str, Any] = {"checkpoint_path": None, "pretrained": False
 
 def read_lightning_checkpoint(path: str | os.PathLike, option: str = "--ckpt_path") -> dict[str, Any]:
     """The checkpoint dict of a ``vmoe fit`` .ckpt, or a ValueError naming ``option``, the file and what is wrong
-    (missing, empty, truncated, network weights instead of a training state, ...)."""
+    (missing, empty, truncated, network weights instead of a training state, NaN/inf weights, ...)."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         raise ValueError(f"{option} {path}: a .safetensors file holds network weights only, while {option} takes a "
@@ -42,6 +42,9 @@ def read_lightning_checkpoint(path: str | os.PathLike, option: str = "--ckpt_pat
         raise ValueError(f"{option} {path} is not a Lightning checkpoint of an ImageClassifier (it has {keys}; "
                          "expected state_dict and hyper_parameters, as `vmoe fit` writes); network weights go to "
                          "--model.checkpoint_path")
+    if isinstance(ckpt["state_dict"], Mapping):  # the check load_weights applies: neither resumed nor evaluated
+        check_finite_weights(ckpt["state_dict"], f"{option} {path} (resume from an earlier checkpoint, e.g. a "
+                                                 "best-*.ckpt)")
     return dict(ckpt)
 
 
