@@ -165,5 +165,5 @@ def test_hub_config_strings_are_converted_like_the_cli(tmp_path, value, want):
     assert loaded.blocks[1].mlp.bfloat16_dispatch is want and loaded.blocks[1].mlp.batch_priority is want
     config["model_args"]["moe_kwargs"]["bfloat16_dispatch"] = "nope"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="MoE setting bfloat16_dispatch='nope' is not a valid bool"):
+    with pytest.raises(ValueError, match=r"MoE setting bfloat16_dispatch='nope' is not a valid bool \(read as"):
         timm.create_model(f"local-dir:{tmp_path}", pretrained=True)

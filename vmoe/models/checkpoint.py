@@ -195,10 +195,11 @@ def tensor_problem(value: Tensor, like: Tensor) -> str | None:
     return None
 
 
-def check_finite_weights(state: Mapping[str, Any], what: str) -> None:
+def check_finite_weights(state: Mapping[str, Any], what: str, hint: str = "") -> None:
     """Raise ValueError when a floating tensor of ``state`` holds NaN or infinite values: the check
     :func:`load_weights` applies, for the writers (export, save_pretrained) and for resuming a training state,
-    so that weights no loader would accept are neither written nor trained on. ``what`` names the source."""
+    so that weights no loader would accept are neither written nor trained on. ``what`` names the source,
+    ``hint`` (a line) says what to do instead."""
     bad = {}
     for key, value in state.items():
         if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel():
@@ -209,7 +210,7 @@ def check_finite_weights(state: Mapping[str, Any], what: str) -> None:
         lines = [f"  {key}: {problem}" for key, problem in list(bad.items())[:10]]
         more = [f"  ... and {len(bad) - 10} more"] if len(bad) > 10 else []
         raise ValueError("\n".join([f"{what}: {len(bad)} of {len(state)} tensors hold NaN or infinite values "
-                                     "(a diverged run?); refusing them"] + lines + more))
+                                     "(a diverged run?); refusing them"] + lines + more + ([hint] if hint else [])))
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:

@@ -34,8 +34,9 @@ def _convert(name: str, hint: Any, value: Any) -> Any:
     try:
         return parser.parse_object({name: value})[name]
     except Exception as err:  # noqa: BLE001 (jsonargparse's ArgumentError and friends)
-        raise ValueError(f"MoE setting {name}={value!r} is not a valid {getattr(hint, '__name__', hint)} "
-                         f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from err
+        kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        raise ValueError(f"MoE setting {name}={value!r} is not a valid {kind} (read as the CLI reads it; e.g. "
+                         "true/false for a bool, a number for a float)") from err
 
 
 def _block_class(router: Any) -> Any:

@@ -64,5 +64,5 @@ def instantiate_typed(cls: type, init_args: Mapping[str, Any] | None, *, source:
         config = parser.parse_object({"init": dict(init_args or {})})
         return parser.instantiate_classes(config)["init"]
     except Exception as err:  # noqa: BLE001 (jsonargparse raises ArgumentError/TypeError/ValueError)
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300] or type(err).__name__
         raise ValueError(f"{source}: init_args of {cls.__module__}.{cls.__name__}: {text}") from err

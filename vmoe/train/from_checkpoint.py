@@ -43,8 +43,8 @@ def read_lightning_checkpoint(path: str | os.PathLike, option: str = "--ckpt_pat
                          "expected state_dict and hyper_parameters, as `vmoe fit` writes); network weights go to "
                          "--model.checkpoint_path")
     if isinstance(ckpt["state_dict"], Mapping):  # the check load_weights applies: neither resumed nor evaluated
-        check_finite_weights(ckpt["state_dict"], f"{option} {path} (resume from an earlier checkpoint, e.g. a "
-                                                 "best-*.ckpt)")
+        check_finite_weights(ckpt["state_dict"], f"{option} {path}",
+                             hint="  (use an earlier checkpoint of the run, e.g. its best-*.ckpt)")
     return dict(ckpt)
 
 
