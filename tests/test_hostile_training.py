@@ -81,6 +81,12 @@ def test_ctrl_c_during_fit_prints_last_ckpt_and_the_resume_command_and_output_is
     assert f"the latest saved state is {last}" in out, out[-3000:]
     assert f"Resume with:\n  vmoe fit --config {QUICKSTART}" in out and f"--ckpt_path {last}" in out, out[-3000:]
     assert "weights_only" not in out and "Tip:" not in out and "litlogger" not in out, out[-3000:]
+    # resuming from it works with weights_only=True loading (what the CLI now asks Lightning for)
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    assert main([*args[:-6], "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.max_epochs", str(epoch + 2), "--ckpt_path", str(last)]) == 0
+    resumed = root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"  # the resumed run's own version
+    assert torch.load(resumed, weights_only=True)["epoch"] == epoch + 1
     # `vmoe test` of that checkpoint: no dirpath warning (it always logs into a new version directory)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
