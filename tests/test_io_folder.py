@@ -66,3 +66,15 @@ def test_a_file_in_the_way_is_refused(tmp_path):
     with pytest.raises(NotADirectoryError, match="out exists and is not a folder"):
         with atomic_folder(tmp_path / "out"):
             pass
+
+
+def test_the_current_folder_and_symlinks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is the current folder or one above it"):
+        with atomic_folder("."):
+            pass
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with atomic_folder(tmp_path / "link") as tmp:
+        _write(tmp, **{"config.json": "c"})
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "config.json").read_text() == "c"

@@ -66,9 +66,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """``with atomic_folder(out) as tmp: <write files into tmp>``: on success ``tmp`` becomes ``out`` (other
     entries of an existing ``out`` kept); on error, or if the process is killed, ``out`` is left as it was and
     the temporary folder is removed (by this call, or by the next atomic_folder of ``out``)."""
-    path = Path(path)
+    path = Path(path).resolve()  # a symlinked folder: its target is replaced, the link stays
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a folder; choose another output folder")
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        raise ValueError(f"{path} is the current folder or one above it; the output replaces the whole folder, so "
+                         "give it a folder of its own (e.g. --out converted/NAME)")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
     tmp = temp_name(path)
