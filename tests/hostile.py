@@ -34,5 +34,5 @@ def run_vmoe(args: list[str], *, cwd: str | os.PathLike | None = None, address_s
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("VMOE_DEBUG", None)
     limit = _limit_address_space(int(address_space_gib * 2**30)) if address_space_gib else None
-    return subprocess.run([sys.executable, "-m", "vmoe.train.cli", *args], cwd=cwd, env=full_env, text=True,
+    return subprocess.run([sys.executable, "-m", "vmoe", *args], cwd=cwd, env=full_env, text=True,
                           capture_output=True, timeout=timeout, preexec_fn=limit)

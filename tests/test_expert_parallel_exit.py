@@ -43,7 +43,7 @@ def test_two_process_expert_parallel_fit_exits_zero_every_time(tmp_path):
         env.pop("VMOE_DEBUG", None)
         args = ["fit", "--config", QUICKSTART, "--config", EXPERT_PARALLEL, *TINY,
                 "--trainer.default_root_dir", str(tmp_path / f"run{i}")]
-        procs.append(subprocess.Popen([sys.executable, "-m", "vmoe.train.cli", *args], env=env, text=True,
+        procs.append(subprocess.Popen([sys.executable, "-m", "vmoe", *args], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     results = [(proc.communicate(timeout=300)[0], proc.returncode) for proc in procs]
     for i, (out, code) in enumerate(results):

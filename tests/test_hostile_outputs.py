@@ -18,7 +18,7 @@ import vmoe  # noqa: F401  (registers the timm names)
 from hostile import ROOT
 from reference_writer import random_tree, write_checkpoint
 from vmoe.models import create_vmoe, save_pretrained
-from vmoe.train.cli import main
+from vmoe.cli import main
 from vmoe.train.module import ImageClassifier
 
 HPARAMS = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, moe_layers="every-2",
@@ -66,14 +66,14 @@ def test_convert_killed_between_files_leaves_the_previous_conversion_whole(tmp_p
     out = tmp_path / "out"
     assert main(["convert", str(tmp_path / "a"), "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    code = ("import time, vmoe.models.reference.cli as c\n"
+    code = ("import time, vmoe.models.jax_checkpoint.cli as c\n"
             "orig = c._write_text\n"
             "def slow(path, text):\n"
             "    orig(path, text)\n"
             "    if path.name == 'config.json':\n"
             "        print('WROTE config.json', flush=True); time.sleep(600)\n"
             "c._write_text = slow\n"
-            "from vmoe.train.cli import main\n"
+            "from vmoe.cli import main\n"
             f"main(['convert', {str(tmp_path / 'b')!r}, '--out', {str(out)!r}])\n")
     _kill_when_printed(code, "WROTE config.json")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old weights with old configs, nothing mixed
@@ -97,7 +97,7 @@ def test_export_killed_mid_write_leaves_nothing_half_written(tmp_path):
             "    orig(model, folder, **kw)\n"
             "    print('WROTE', sorted(__import__('os').listdir(folder)), flush=True); time.sleep(600)\n"
             "timm.models.save_for_hf = slow\n"
-            "from vmoe.train.cli import main\n"
+            "from vmoe.cli import main\n"
             f"main(['export', {str(ckpt)!r}, '--out', {str(out)!r}])\n")
     _kill_when_printed(code, "WROTE")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -155,15 +155,19 @@ def test_export_refuses_nan_weights(tmp_path, capsys):
 @pytest.mark.parametrize("value, want", [("false", False), ("true", True), (False, False)])
 def test_hub_config_strings_are_converted_like_the_cli(tmp_path, value, want):
     model = create_vmoe("vit_tiny_patch16_224", moe_layers=[1], num_experts=4, img_size=16, patch_size=4,
-                        embed_dim=32, depth=2, num_heads=2, num_classes=3, moe_kwargs={"bfloat16_dispatch": True})
+                        embed_dim=32, depth=2, num_heads=2, num_classes=3, bfloat16_dispatch=True,
+                        moe_kwargs={"importance_weight": 0.25})
     save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["model_args"]["moe_kwargs"]["bfloat16_dispatch"] = value
+    config["model_args"]["bfloat16_dispatch"] = value
     config["model_args"]["batch_priority"] = value
+    config["model_args"]["moe_kwargs"]["importance_weight"] = "0.5"  # a block argument: the block's type hint
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
-    assert loaded.blocks[1].mlp.bfloat16_dispatch is want and loaded.blocks[1].mlp.batch_priority is want
-    config["model_args"]["moe_kwargs"]["bfloat16_dispatch"] = "nope"
+    settings = loaded.blocks[1].mlp.settings
+    assert settings.bfloat16_dispatch is want and settings.batch_priority is want
+    assert loaded.blocks[1].mlp.router.importance_weight == 0.5
+    config["model_args"]["bfloat16_dispatch"] = "nope"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"MoE setting bfloat16_dispatch='nope' is not a valid bool \(read as"):
         timm.create_model(f"local-dir:{tmp_path}", pretrained=True)

@@ -15,7 +15,7 @@ import torch
 
 from hostile import ROOT
 from vmoe.train.callbacks import resume_command
-from vmoe.train.cli import main
+from vmoe.cli import main
 from vmoe.train.module import ImageClassifier
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -67,7 +67,7 @@ def test_ctrl_c_during_fit_prints_last_ckpt_and_the_resume_command_and_output_is
             "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("VMOE_DEBUG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "vmoe.train.cli", *args], env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "vmoe", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
