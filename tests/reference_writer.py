@@ -49,14 +49,20 @@ def _bf16_bits(a: np.ndarray) -> np.ndarray:
 def write_checkpoint(prefix: str | Path, arrays: Mapping[str, np.ndarray], *, num_shards: int = 1,
                      chunks: Mapping[str, Sequence[Chunk]] | None = None, shard_of=None,
                      versioned: bool = True, bfloat16: Sequence[str] = (), subchunks: int = 1,
-                     named_shape: bool = False) -> None:
+                     named_shape: bool = False, dtypes: Mapping[str, str] | None = None,
+                     declared: Mapping[str, Mapping[str, object]] | None = None,
+                     shard_count: int | None = None) -> None:
     """Write ``arrays`` ({path: float32 array}) at ``prefix``.
 
     chunks: path -> chunk bounds (default: one chunk); shard_of(leaf, chunk_index) -> data file
     (default: round robin over chunks); versioned=False writes the older index without "version" and,
     with named_shape, a non-empty named_shape map; bfloat16: paths stored as bfloat16 (their float32
     values are truncated to the upper 16 bits); subchunks: split each chunk's elements in that many 1-D parts.
+    Hostile files: dtypes: path -> a numpy dtype string the bytes are stored in and named by (e.g. ">f4");
+    declared: path -> index fields that lie ("shape", "dtype", "slices": raw [start, stop, step] per axis per
+    chunk); shard_count: the count the index declares (the files written are still ``num_shards``).
     """
+    dtypes, declared = dict(dtypes or {}), dict(declared or {})
     prefix = str(prefix)
     chunks = dict(chunks or {})
     names = sorted(arrays)
@@ -70,18 +76,22 @@ def write_checkpoint(prefix: str | Path, arrays: Mapping[str, np.ndarray], *, nu
     index_leaves = {}
     for leaf, path in enumerate(names):
         array = arrays[path]
-        dtype = "bfloat16" if path in bfloat16 else "float32"
+        dtype = "bfloat16" if path in bfloat16 else dtypes.get(path, "float32")
         bounds, shards = layout[path]
         fourth = {"experts": 4} if named_shape else {}
-        shaped = _pack([list(array.shape), dtype, False, fourth])
-        index_leaves[path] = msgpack.ExtType(8, _pack([shaped, [_slice_nd(b) for b in bounds], shards]))
+        lie = declared.get(path, {})
+        shaped = _pack([list(lie.get("shape", array.shape)), lie.get("dtype", dtype), False, fourth])
+        slices = ([_pack([_pack(list(axis)) for axis in chunk]) for chunk in lie["slices"]] if "slices" in lie
+                  else [_slice_nd(b) for b in bounds])
+        index_leaves[path] = msgpack.ExtType(8, _pack([shaped, slices, shards]))
         for b, shard in zip(bounds, shards):
             part = array[tuple(slice(s, e) for s, e in b)]
-            flat = _bf16_bits(part).reshape(-1) if dtype == "bfloat16" else np.ascontiguousarray(part, "<f4").reshape(-1)
+            stored = "<f4" if dtype == "float32" else dtype
+            flat = _bf16_bits(part).reshape(-1) if dtype == "bfloat16" else np.ascontiguousarray(part, stored).reshape(-1)
             pieces = np.array_split(flat, subchunks)
             subs = [msgpack.ExtType(1, _pack([[p.size], dtype, p.tobytes()])) for p in pieces]
             data_files[shard].setdefault(str(leaf), []).append([subs, msgpack.ExtType(6, _slice_nd(b))])
-    index = {"index": _nest(index_leaves), "shard_count": num_shards}
+    index = {"index": _nest(index_leaves), "shard_count": num_shards if shard_count is None else shard_count}
     if versioned:
         index["version"] = "20220622"
     Path(f"{prefix}.index").write_bytes(_pack(index))

@@ -104,7 +104,7 @@ def test_foreign_files_are_named(tmp_path):
     with pytest.raises(ReferenceCheckpointError, match="c.index.*'index' and 'shard_count'"):
         read_reference_checkpoint(tmp_path / "c")
     (tmp_path / "c.index").write_bytes(good_index)
-    (tmp_path / "c.data-00000-of-00001").write_bytes(msgpack.packb({"a": [1, 2]}))
+    (tmp_path / "c.data-00000-of-00001").write_bytes(msgpack.packb({"a": [1, 2], "pad": b"x" * 65536}))
     with pytest.raises(ReferenceCheckpointError, match="c.data-00000-of-00001.*marker"):
         read_reference_checkpoint(tmp_path / "c")
 

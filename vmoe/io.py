@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_path", "stale_temp_files", "STALE_AFTER_S"]
+__all__ = ["atomic_write", "atomic_path", "stale_temp_files", "remove_stale_temp_files", "temp_name", "STALE_AFTER_S"]
 
 _HOST = socket.gethostname().replace(".", "_")
 # A temporary file of another host (shared file system) counts as stale only after this long, since we
@@ -23,7 +24,8 @@ _HOST = socket.gethostname().replace(".", "_")
 STALE_AFTER_S = 24 * 3600.0
 
 
-def _temp_name(path: Path) -> Path:
+def temp_name(path: Path) -> Path:
+    """A hidden sibling of ``path`` naming this host and process (what stale_temp_files recognises)."""
     return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
@@ -58,6 +60,18 @@ def stale_temp_files(path: str | os.PathLike) -> list[Path]:
     return out
 
 
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the leftovers of killed writers of ``path`` (files, or folders of a folder write); returns them."""
+    stale = stale_temp_files(path)
+    for leftover in stale:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+    return stale
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -70,10 +84,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` with the usual new-file mode; on error it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_temp_files(path):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    tmp = _temp_name(path)
+    remove_stale_temp_files(path)
+    tmp = temp_name(path)
     try:
         yield tmp
         if not tmp.exists():

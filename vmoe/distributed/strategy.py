@@ -19,6 +19,7 @@ from .grads import clip_grad_norm_, sync_expert_grads
 from .groups import ExpertParallelGroups, new_expert_parallel_groups
 from .shard import (expert_parameter_names, gather_expert_state_dict, gather_optimizer_state,
                     shard_expert_state_dict, shard_experts, shard_optimizer_state)
+from .shutdown import destroy_process_groups_at_exit
 
 __all__ = ["ExpertParallelDDPStrategy"]
 
@@ -56,6 +57,11 @@ class ExpertParallelDDPStrategy(DDPStrategy):
     @property
     def expert_parallel_groups(self) -> ExpertParallelGroups | None:
         return self._ep_groups
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        # gloo groups left alive into interpreter shutdown abort the process (see .shutdown)
+        destroy_process_groups_at_exit()
 
     def model_to_device(self) -> None:
         super().model_to_device()

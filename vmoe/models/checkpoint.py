@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from ..io import atomic_path
 
-__all__ = ["holds_experts", "read_checkpoint", "read_state_dict", "extract_state_dict", "check_state_dict", "save_weights", "load_weights"]
+__all__ = ["holds_experts", "read_checkpoint", "read_state_dict", "extract_state_dict", "check_state_dict",
+           "check_finite_weights", "save_weights", "load_weights"]
 
 _log = logging.getLogger(__name__)
 _TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
@@ -192,6 +193,24 @@ def tensor_problem(value: Tensor, like: Tensor) -> str | None:
         bad = int((~torch.isfinite(value)).sum())
         return f"{bad} of {value.numel()} values are NaN or infinite"
     return None
+
+
+def check_finite_weights(state: Mapping[str, Any], what: str, hint: str = "") -> None:
+    """Raise ValueError when a floating tensor of ``state`` holds NaN or infinite values: the check
+    :func:`load_weights` applies, for the writers (export, save_pretrained) and for resuming a training state,
+    so that weights no loader would accept are neither written nor trained on. ``what`` names the source,
+    ``hint`` (a line) says what to do instead."""
+    bad = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel():
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                bad[key] = f"{count} of {value.numel()} values are NaN or infinite"
+    if bad:
+        lines = [f"  {key}: {problem}" for key, problem in list(bad.items())[:10]]
+        more = [f"  ... and {len(bad) - 10} more"] if len(bad) > 10 else []
+        raise ValueError("\n".join([f"{what}: {len(bad)} of {len(state)} tensors hold NaN or infinite values "
+                                     "(a diverged run?); refusing them"] + lines + more + ([hint] if hint else [])))
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:

@@ -13,15 +13,14 @@ of :mod:`vmoe.models.timm_names`, whose ``model_args`` hold the dense ``backbone
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..io import atomic_path
+from ..io_folder import atomic_folder
 from ..moe import iter_moe_mlps
+from .checkpoint import check_finite_weights
 from .naming import is_vmoe_architecture
 
 __all__ = ["save_pretrained"]
@@ -34,8 +33,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, mode
     ``model``: a timm model (dense ViT, ``create_vmoe`` / ``convert_to_moe`` V-MoE, or a ``vmoe_*`` name).
     ``model_args``: extra or replacement reconstruction arguments (JSON values). ``data_config``: the
     preprocessing the weights expect (mean, std, input_size, crop_pct, interpolation), stored in the
-    pretrained_cfg so ``timm.data.resolve_data_config`` returns it. Both files are written to a temporary
-    folder first and moved into place one by one, so a failure leaves no half-written file. Returns the folder.
+    pretrained_cfg so ``timm.data.resolve_data_config`` returns it. Weights with NaN/inf values are refused
+    (``load_weights`` would refuse the file). Both files are written into a hidden sibling folder that then
+    replaces ``save_directory`` (:func:`vmoe.io_folder.atomic_folder`): they appear together or not at all, and
+    a killed save's leftover is removed by the next. Returns the folder.
     """
     from timm.models import save_for_hf
 
@@ -48,18 +49,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, mode
         raise ValueError(f"the model has MoE layers but calls itself {arch!r} (a dense architecture): build it with "
                          "vmoe.models.create_vmoe / convert_to_moe / a vmoe_* name, or pass the architecture's "
                          "model_args yourself")
+    check_finite_weights(model.state_dict(), f"save_pretrained({save_directory!s})")
     out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
     model_config = {"label_names": list(label_names)} if label_names else None
-    # timm writes both files into a private folder; each is then moved into place through the atomic-write helper
-    tmp = out / f".save_pretrained.{os.getpid()}.{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=model_args, safe_serialization=True,
                     data_config=data_config)
-        for name in ("model.safetensors", "config.json"):  # config last: a loader never sees new config, old weights
-            with atomic_path(out / name) as target:
-                shutil.move(tmp / name, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -75,9 +75,15 @@ class MoEConfig:
     @classmethod
     def split(cls, kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
               ) -> tuple["MoEConfig", dict[str, Any]]:
-        """(the config made from the MoE settings in ``kwargs`` over ``defaults``, the other kwargs)."""
+        """(the config made from the MoE settings in ``kwargs`` over ``defaults``, the other kwargs).
+
+        The timm names build through here, also from a Hub/local-dir ``config.json``: string values are
+        converted by the settings' types as the CLI does (``"false"`` -> False), see :mod:`.config_values`."""
+        from .config_values import typed_moe_settings
+
         names = set(cls.field_names())
-        mine = {**(defaults or {}), **{key: value for key, value in kwargs.items() if key in names}}
+        given = typed_moe_settings({key: value for key, value in kwargs.items() if key in names}, cls)
+        mine = {**(defaults or {}), **given}
         return cls.from_flat(**mine), {key: value for key, value in kwargs.items() if key not in names}
 
     def flat(self) -> dict[str, Any]:

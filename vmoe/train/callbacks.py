@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,7 +12,25 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from ..io import atomic_write
 
-__all__ = ["PredictionWriter", "LastCheckpoint"]
+__all__ = ["PredictionWriter", "LastCheckpoint", "resume_command"]
+
+
+def resume_command(last: str | Path, argv: Sequence[str] | None = None) -> str:
+    """The ``vmoe fit`` command line that resumes the run of ``argv`` (default sys.argv[1:]) from ``last``:
+    the same arguments with ``--ckpt_path`` replaced."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        if arg.startswith("--ckpt_path="):
+            continue
+        kept.append(arg)
+    return shlex.join(["vmoe", *kept, "--ckpt_path", str(last)])
 
 
 class LastCheckpoint(Callback):
@@ -40,7 +60,7 @@ class LastCheckpoint(Callback):
     def save(self, trainer: L.Trainer) -> Path:
         """Write the trainer's current state (collective: every rank must call it)."""
         path = self._directory(trainer) / self.filename
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state, said explicitly
         self.last_path, self._saved_step = path, trainer.global_step
         return path
 
@@ -60,6 +80,19 @@ class LastCheckpoint(Callback):
         # Any other stop inside an epoch (max_time, should_stop) still leaves steps no save has.
         if self._saved_step != trainer.global_step:
             self.save(trainer)
+
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Ctrl-C: say what survives and how to go on (Lightning only says it shuts down).
+        if not isinstance(exception, KeyboardInterrupt) or trainer.global_rank != 0:
+            return
+        if self.last_path is None or not self.last_path.is_file():
+            print(f"\nvmoe fit interrupted at step {trainer.global_step}: no {self.filename} was written yet (it is "
+                  "written at the end of every training epoch); nothing to resume from", file=sys.stderr, flush=True)
+            return
+        print(f"\nvmoe fit interrupted at step {trainer.global_step}; the latest saved state is {self.last_path} "
+              f"(step {self._saved_step}). Resume with:\n  {resume_command(self.last_path)}",
+              file=sys.stderr, flush=True)
 
 
 class PredictionWriter(BasePredictionWriter):

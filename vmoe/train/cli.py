@@ -26,6 +26,7 @@ from .callbacks import LastCheckpoint, PredictionWriter
 from .from_checkpoint import STARTING_WEIGHTS, classifier_hparams, read_lightning_checkpoint
 from .data.base import ImageDataModule
 from .module import ImageClassifier
+from .quiet import quiet_lightning
 from .resume import ResumeStateCheckpoint
 
 __all__ = ["main", "run", "VMoECLI", "UsageError", "DEBUG_ENV", "LIGHTNING_COMMANDS", "default_loggers",
@@ -145,9 +146,13 @@ class VMoECLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.subcommand
+        quiet_lightning(subcommand)
         if subcommand is None:
             return
         config = self.config[subcommand]
+        if "weights_only" in config and config["weights_only"] is None:
+            # our checkpoints hold tensors and plain containers only: no full-pickle load of a --ckpt_path
+            config["weights_only"] = True
         if config.get("checkpoint", {}).get("save_last"):
             rank_zero_warn("--checkpoint.save_last is switched off: last.ckpt is written by --last_checkpoint (the "
                            "latest state every epoch), while save_last would only copy each new best")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import yaml
 from torch import nn
 
-from ..models.checkpoint import read_checkpoint
+from ..models.checkpoint import check_finite_weights, read_checkpoint
 
 __all__ = ["STARTING_WEIGHTS", "read_lightning_checkpoint", "classifier_hparams", "load_classifier",
            "resolve_data_config", "data_defaults_from_checkpoint"]
@@ -25,7 +25,7 @@ STARTING_WEIGHTS: dict[str, Any] = {"checkpoint_path": None, "pretrained": False
 
 def read_lightning_checkpoint(path: str | os.PathLike, option: str = "--ckpt_path") -> dict[str, Any]:
     """The checkpoint dict of a ``vmoe fit`` .ckpt, or a ValueError naming ``option``, the file and what is wrong
-    (missing, empty, truncated, network weights instead of a training state, ...)."""
+    (missing, empty, truncated, network weights instead of a training state, NaN/inf weights, ...)."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         raise ValueError(f"{option} {path}: a .safetensors file holds network weights only, while {option} takes a "
@@ -42,6 +42,9 @@ def read_lightning_checkpoint(path: str | os.PathLike, option: str = "--ckpt_pat
         raise ValueError(f"{option} {path} is not a Lightning checkpoint of an ImageClassifier (it has {keys}; "
                          "expected state_dict and hyper_parameters, as `vmoe fit` writes); network weights go to "
                          "--model.checkpoint_path")
+    if isinstance(ckpt["state_dict"], Mapping):  # the check load_weights applies: neither resumed nor evaluated
+        check_finite_weights(ckpt["state_dict"], f"{option} {path}",
+                             hint="  (use an earlier checkpoint of the run, e.g. its best-*.ckpt)")
     return dict(ckpt)
 
 
@@ -101,7 +104,14 @@ def data_defaults_from_checkpoint(parser: Any, ckpt_path: str | None, config: st
     """For commands that evaluate a checkpoint on a datamodule (visualize, sweep, fewshot): check the
     checkpoint first (a missing or damaged one is reported as such through ``parser.error``, before any
     complaint about the data), then make the training run's ``data`` section the parser's default.
-    Returns where that section came from, or None."""
+    Returns where that section came from, or None.
+
+    A config.yaml found beside the checkpoint (not passed as ``config``) may come from someone else: a class
+    outside vmoe named there is not used (nor imported), and a note says how to choose the data instead."""
+    import sys
+
+    from .config_policy import is_project_class
+
     if ckpt_path is None:
         return None
     try:
@@ -109,6 +119,12 @@ def data_defaults_from_checkpoint(parser: Any, ckpt_path: str | None, config: st
     except ValueError as err:
         parser.error(str(err))
     data, source = resolve_data_config(ckpt_path, config)
+    if data is not None and config is None and not (isinstance(data.get("class_path"), str)
+                                                    and is_project_class(data["class_path"])):
+        sys.stderr.write(f"note: {source} names data class_path {data.get('class_path')!r}, which is not one of "
+                         "vmoe's classes; a config found beside a checkpoint may only name vmoe.* classes, so it is "
+                         "not used (pass --config <a training YAML you trust> or --data CLASS)\n")
+        return None
     if data is not None:
         parser.set_defaults(data=data)
     return source

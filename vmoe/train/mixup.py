@@ -2,25 +2,37 @@
 normalised the way pretrained weights expect."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ..moe.checks import check_non_negative
+
 __all__ = ["build_mixup", "mix_batch", "soft_target_cross_entropy", "warn_if_normalisation_differs"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def build_mixup(num_classes: int, *, label_smoothing: float, mixup_alpha: float, cutmix_alpha: float,
                 cutmix_minmax: tuple[float, float] | None, prob: float, switch_prob: float, mode: str) -> Any:
-    """timm's Mixup for these settings, or None when both alphas are 0 (and no cutmix_minmax)."""
-    if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
-    if not 0 <= prob <= 1 or not 0 <= switch_prob <= 1:
-        raise ValueError(f"mixup_prob and mixup_switch_prob are probabilities in [0, 1], got {prob} and {switch_prob}")
+    """timm's Mixup for these settings, or None when both alphas are 0 (and no cutmix_minmax).
+
+    Every setting is checked by its ImageClassifier name (NaN and inf refused: NaN passes every comparison, and
+    timm would fail later without naming the setting)."""
+    check_non_negative(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
+    for name, value in (("mixup_prob", prob), ("mixup_switch_prob", switch_prob)):
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
     if mode not in ("batch", "pair", "elem"):
         raise ValueError(f"mixup_mode must be 'batch', 'pair' or 'elem', got {mode!r}")
-    if cutmix_minmax is not None and (len(cutmix_minmax) != 2 or not 0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1):
+    if cutmix_minmax is not None and (len(cutmix_minmax) != 2 or not all(_is_number(v) for v in cutmix_minmax)
+                                      or not 0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1):
         raise ValueError(f"cutmix_minmax must be (min, max) with 0 < min < max <= 1, got {cutmix_minmax}")
     if mixup_alpha == 0 and cutmix_alpha == 0 and cutmix_minmax is None:
         return None

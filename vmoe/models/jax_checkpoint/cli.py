@@ -5,6 +5,10 @@ DIR/config.json        the architecture read from the checkpoint and the keyword
                        ``vmoe.models.create_vmoe`` ("create_vmoe") and of ``timm.create_model`` ("timm")
 DIR/model.yaml         a ``model:`` section for ``vmoe fit/test --config ... --config DIR/model.yaml``
                        (fine-tuning: num_classes / img_size come from the data; head reset, pos-embed resampled)
+
+The three files appear together or not at all (written into a hidden sibling folder that then replaces DIR,
+see :func:`vmoe.io_folder.atomic_folder`): a killed conversion never leaves new weights beside an older
+conversion's configs, and the next conversion removes its leftovers.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...io import atomic_write
+from ...io_folder import atomic_folder
 
 __all__ = ["convert", "convert_main", "CONFIG_FORMAT"]
 
@@ -70,7 +75,6 @@ def convert(prefix: str | os.PathLike, out: str | os.PathLike, *, k: int | None 
     arch = model.reference_architecture
     create = reference_model_config(arch, **routing)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     weights = (out / "model.safetensors").resolve()
     timm_kwargs = {key: value for key, value in create.items() if key != "backbone"}
     config = {
@@ -83,10 +87,11 @@ def convert(prefix: str | os.PathLike, out: str | os.PathLike, *, k: int | None 
                  "pretrained_cfg_overlay": {"file": str(weights), "num_classes": arch.num_classes}},
         "weights": weights.name,
     }
-    save_weights(model, weights, metadata={"vmoe_convert": json.dumps(config)})
-    _write_text(out / "config.json", json.dumps(config, indent=1) + "\n")
-    _write_text(out / "model.yaml", f"# written by vmoe convert from {os.fspath(prefix)}\nmodel:\n"
-                + _yaml(_fit_model_section(create, weights), 1) + "\n")
+    with atomic_folder(out) as tmp:
+        save_weights(model, tmp / weights.name, metadata={"vmoe_convert": json.dumps(config)})
+        _write_text(tmp / "config.json", json.dumps(config, indent=1) + "\n")
+        _write_text(tmp / "model.yaml", f"# written by vmoe convert from {os.fspath(prefix)}\nmodel:\n"
+                    + _yaml(_fit_model_section(create, weights), 1) + "\n")
     return out
 
 

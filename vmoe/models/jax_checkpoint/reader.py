@@ -6,39 +6,27 @@ keyed by their flax path joined with "/" (e.g. ``Encoder/encoderblock_1/Moe/Rout
 
 bfloat16 arrays (numpy has no such dtype) are returned as float32 holding exactly the same values: the
 16 stored bits become the upper half of a float32 (``uint16 << 16``), which is how bfloat16 is defined.
+
+The index is not trusted: every declared shape, slice, dtype and data-file count is checked against the
+bytes that exist (see :mod:`.reader_checks`) before anything is allocated, and every error names the file
+and the array.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from .reader_checks import (ArrayInfo, ReferenceCheckpointError, check_array_info, check_declared_bytes,
+                            check_slice, data_file_names, numpy_dtype, to_native)
 
 __all__ = ["read_reference_checkpoint", "read_reference_index", "ArrayInfo", "ReferenceCheckpointError"]
 
 _CHUNK_MARKER = "__msgpack_array_chunk_a87ca2__"
 _EXT_NDARRAY, _EXT_SLICE_ND, _EXT_INDEX_INFO = 1, 6, 8
 _KNOWN_VERSIONS = (None, "20220622")
-
-
-class ReferenceCheckpointError(ValueError):
-    """A reference checkpoint file is missing, truncated, foreign or inconsistent (the message names it)."""
-
-
-@dataclass(frozen=True)
-class ArrayInfo:
-    """One array of the index: its path, full shape, dtype name and where its chunks are.
-
-    slices: one tuple of (start, stop) per axis per chunk; shards: the data file of each chunk.
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-    slices: tuple[tuple[tuple[int, int], ...], ...]
-    shards: tuple[int, ...]
 
 
 def _msgpack():
@@ -50,7 +38,7 @@ def _msgpack():
     return msgpack
 
 
-def _unpack(data: bytes, path: Path, ext_hook=None) -> Any:
+def _unpack(data: bytes, path: Path, ext_hook=None, what: str = "") -> Any:
     msgpack = _msgpack()
     kwargs = dict(raw=False, strict_map_key=False)
     if ext_hook is not None:
@@ -58,12 +46,12 @@ def _unpack(data: bytes, path: Path, ext_hook=None) -> Any:
     try:
         return msgpack.unpackb(data, **kwargs)
     except msgpack.ExtraData as err:
-        raise ReferenceCheckpointError(f"{path}: {len(err.extra)} extra bytes after the MessagePack object "
+        raise ReferenceCheckpointError(f"{path}{what}: {len(err.extra)} extra bytes after the MessagePack object "
                                        "(not a reference checkpoint file?)") from err
     except (ValueError, msgpack.UnpackException, TypeError, IndexError) as err:
         if isinstance(err, ReferenceCheckpointError):
             raise
-        raise ReferenceCheckpointError(f"{path}: not a valid reference checkpoint file (truncated or foreign "
+        raise ReferenceCheckpointError(f"{path}{what}: not a valid reference checkpoint file (truncated or foreign "
                                        f"MessagePack data: {type(err).__name__}: {err})") from err
 
 
@@ -73,14 +61,12 @@ def _read_bytes(path: Path, what: str) -> bytes:
     return path.read_bytes()
 
 
-def _slice_nd(payload: bytes, path: Path) -> tuple[tuple[int, int], ...]:
-    axes = []
-    for packed in _unpack(payload, path):
-        start, stop, step = _unpack(packed, path)
-        if step not in (None, 1) or not isinstance(start, int) or not isinstance(stop, int) or stop < start:
-            raise ReferenceCheckpointError(f"{path}: unsupported slice [{start}, {stop}, {step}] in a chunk")
-        axes.append((start, stop))
-    return tuple(axes)
+def _raw_slice(payload: bytes, path: Path) -> list:
+    """A SliceNd as it is stored: one [start, stop, step] per axis (checked by check_slice, which knows the array)."""
+    axes = _unpack(payload, path)
+    if not isinstance(axes, (list, tuple)):
+        raise ReferenceCheckpointError(f"{path}: a SliceNd holds a {type(axes).__name__}, expected a list of slices")
+    return [_unpack(packed, path) if isinstance(packed, bytes) else packed for packed in axes]
 
 
 def _index_hook(path: Path):
@@ -88,11 +74,17 @@ def _index_hook(path: Path):
         if code != _EXT_INDEX_INFO:
             raise ReferenceCheckpointError(f"{path}: unexpected MessagePack ext type {code} in the index "
                                            f"(expected {_EXT_INDEX_INFO}, IndexInfo)")
-        shaped, slices, shards = _unpack(data, path)
+        fields = _unpack(data, path)
+        if not isinstance(fields, (list, tuple)) or len(fields) != 3:
+            raise ReferenceCheckpointError(f"{path}: an IndexInfo holds {fields!r:.80}, expected [shape-and-dtype, "
+                                           "slices, shards]")
+        shaped, slices, shards = fields
         # [shape, dtype, weak_type, named_shape-or-{}]: the fourth field is ignored (both versions).
-        shape, dtype = _unpack(shaped, path)[:2]
-        return ("__info__", tuple(int(n) for n in shape), str(dtype),
-                tuple(_slice_nd(s, path) for s in slices), tuple(int(s) for s in shards))
+        shaped = _unpack(shaped, path) if isinstance(shaped, bytes) else shaped
+        if not isinstance(shaped, (list, tuple)) or len(shaped) < 2:
+            raise ReferenceCheckpointError(f"{path}: an IndexInfo's shape field is {shaped!r:.80}")
+        raw_slices = [_raw_slice(s, path) for s in slices] if isinstance(slices, (list, tuple)) else slices
+        return ("__info__", shaped[0], shaped[1], raw_slices, shards)
 
     return hook
 
@@ -105,16 +97,21 @@ def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, tuple]]:
     if not isinstance(tree, dict):
         raise ReferenceCheckpointError(f"index entry {prefix or '<root>'} is a {type(tree).__name__}, expected "
                                        "a map or an IndexInfo")
-    for key in sorted(tree):
+    for key in sorted(tree, key=str):
         yield from _leaves(tree[key], f"{prefix}/{key}" if prefix else str(key))
 
 
 def read_reference_index(prefix: str | os.PathLike) -> tuple[list[ArrayInfo], int]:
-    """The arrays described by ``<prefix>.index`` in leaf-number order, and the number of data files."""
+    """The arrays described by ``<prefix>.index`` in leaf-number order, and the number of data files.
+
+    Each array's shape, dtype, chunk slices and data-file numbers are checked (ReferenceCheckpointError
+    naming the index and the array); whether the data files exist and hold that many bytes is checked by
+    :func:`read_reference_checkpoint`.
+    """
     path = Path(f"{os.fspath(prefix)}.index")
     index = _unpack(_read_bytes(path, "checkpoint index"), path, _index_hook(path))
     if not isinstance(index, dict) or "index" not in index or "shard_count" not in index:
-        keys = sorted(index) if isinstance(index, dict) else type(index).__name__
+        keys = sorted(index, key=str) if isinstance(index, dict) else type(index).__name__
         raise ReferenceCheckpointError(f"{path}: not a reference checkpoint index (expected a map with "
                                        f"'index' and 'shard_count', got {keys})")
     version = index.get("version")
@@ -122,37 +119,23 @@ def read_reference_index(prefix: str | os.PathLike) -> tuple[list[ArrayInfo], in
         raise ReferenceCheckpointError(f"{path}: unknown checkpoint format version {version!r}; "
                                        f"this reader knows {_KNOWN_VERSIONS}")
     count = index["shard_count"]
-    if not isinstance(count, int) or count < 1:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ReferenceCheckpointError(f"{path}: shard_count must be a positive int, got {count!r}")
-    infos = []
-    for name, (_, shape, dtype, slices, shards) in _leaves(index["index"]):
-        if len(slices) != len(shards) or any(not 0 <= s < count for s in shards):
-            raise ReferenceCheckpointError(f"{path}: array {name} has {len(slices)} chunks but shards {shards} "
-                                           f"(valid data files: 0..{count - 1})")
-        infos.append(ArrayInfo(name, shape, dtype, slices, shards))
+    infos = [check_array_info(path, name, shape, dtype, slices, shards, count)
+             for name, (_, shape, dtype, slices, shards) in _leaves(index["index"])]
     return infos, count
-
-
-def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        return np.dtype("<u2")  # raw bits, widened to float32 once the array is complete
-    try:
-        return np.dtype(name).newbyteorder("<")
-    except TypeError as err:
-        raise ReferenceCheckpointError(f"unsupported dtype {name!r} in the checkpoint") from err
 
 
 def _data_hook(path: Path):
     def hook(code: int, data: bytes):
         if code == _EXT_SLICE_ND:
-            return ("__slice__", _slice_nd(data, path))
+            return ("__slice__", _raw_slice(data, path))
         if code == _EXT_NDARRAY:
-            shape, dtype, raw = _unpack(data, path)
-            np_dtype = _dtype(dtype)
-            flat = np.frombuffer(raw, dtype=np_dtype)
-            if flat.size != int(np.prod(shape, dtype=np.int64)):
-                raise ReferenceCheckpointError(f"{path}: an ndarray of shape {shape} holds {flat.size} values")
-            return ("__array__", dtype, flat.reshape(-1))
+            fields = _unpack(data, path)
+            if not isinstance(fields, (list, tuple)) or len(fields) != 3:
+                raise ReferenceCheckpointError(f"{path}: an ndarray holds {fields!r:.80}, expected [shape, dtype, "
+                                               "bytes]")
+            return ("__array__", *fields)  # decoded by _chunk_values, which knows the array
         raise ReferenceCheckpointError(f"{path}: unexpected MessagePack ext type {code} in a data file "
                                        f"(expected {_EXT_NDARRAY} or {_EXT_SLICE_ND})")
     return hook
@@ -165,19 +148,18 @@ def _to_float32_bits(bits: np.ndarray) -> np.ndarray:
 def read_reference_checkpoint(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every array of the checkpoint at ``prefix`` (``<prefix>.index``, ``<prefix>.data-NNNNN-of-MMMMM``).
 
-    Returns {flax path joined by "/": numpy array} in leaf order. Chunks may be split along any axes and
-    spread over any of the data files; every element must be written exactly once. bfloat16 arrays come
-    back as float32 with identical values. Raises FileNotFoundError naming a missing file and
-    ReferenceCheckpointError (a ValueError) naming the file for truncated, foreign or inconsistent data.
+    Returns {flax path joined by "/": numpy array (native byte order)} in leaf order. Chunks may be split
+    along any axes and spread over any of the data files; every element must be written exactly once.
+    bfloat16 arrays come back as float32 with identical values. Raises FileNotFoundError naming a missing
+    file and ReferenceCheckpointError (a ValueError) naming the file and the array for truncated, foreign or
+    inconsistent data, a dtype it does not read, or sizes the data files cannot hold (checked before any
+    array is allocated).
     """
     infos, count = read_reference_index(prefix)
-    arrays = {i: np.empty(info.shape, dtype=_dtype(info.dtype)) for i, info in enumerate(infos)}
+    names = data_file_names(prefix, count)
+    check_declared_bytes(prefix, infos, [Path(name).stat().st_size for name in names])
+    arrays = {i: np.empty(info.shape, dtype=numpy_dtype(info.dtype, info.path)) for i, info in enumerate(infos)}
     written = {i: np.zeros(info.shape, dtype=bool) for i, info in enumerate(infos)}
-    names = [f"{os.fspath(prefix)}.data-{n:05d}-of-{count:05d}" for n in range(count)]
-    missing = [name for name in names if not Path(name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint data file(s) missing: {missing} (the index "
-                                f"{os.fspath(prefix)}.index lists {count} data files)")
     for name in names:
         path = Path(name)
         data = _unpack(path.read_bytes(), path, _data_hook(path))
@@ -195,8 +177,37 @@ def read_reference_checkpoint(prefix: str | os.PathLike) -> dict[str, np.ndarray
                 f"in no chunk of the data files of {os.fspath(prefix)}")
     out = {}
     for i, info in enumerate(infos):
-        out[info.path] = _to_float32_bits(arrays[i]) if info.dtype == "bfloat16" else arrays[i]
+        out[info.path] = _to_float32_bits(arrays[i]) if info.dtype == "bfloat16" else to_native(arrays[i])
     return out
+
+
+def _chunk_values(path: Path, info: ArrayInfo, subchunks: Any) -> np.ndarray:
+    """The elements of one chunk (its subchunk arrays concatenated, flat) in the index's dtype."""
+    if not isinstance(subchunks, (list, tuple)):
+        raise ReferenceCheckpointError(f"{path}: chunk of {info.path} holds a {type(subchunks).__name__}, expected "
+                                       "a list of arrays")
+    dtype = numpy_dtype(info.dtype, info.path)
+    parts = []
+    for sub in subchunks:
+        if not (isinstance(sub, tuple) and sub[0] == "__array__"):
+            raise ReferenceCheckpointError(f"{path}: chunk of {info.path} holds a non-array subchunk")
+        _, shape, sub_dtype, raw = sub
+        if sub_dtype != info.dtype:
+            raise ReferenceCheckpointError(f"{path}: chunk of {info.path} is {sub_dtype}, the index says {info.dtype}")
+        if (not isinstance(shape, (list, tuple)) or not isinstance(raw, bytes)
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape)):
+            raise ReferenceCheckpointError(f"{path}: a subchunk of {info.path} has shape {shape!r:.80} (expected "
+                                           "non-negative ints) or no bytes")
+        size = 1
+        for n in shape:
+            size *= n
+        if len(raw) != size * dtype.itemsize:
+            raise ReferenceCheckpointError(f"{path}: a subchunk of {info.path} of shape {list(shape)} ({info.dtype}) "
+                                           f"needs {size * dtype.itemsize} bytes, it holds {len(raw)}")
+        parts.append(np.frombuffer(raw, dtype=dtype))
+    if not parts:
+        return np.empty(0, dtype=dtype)
+    return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
 
 def _place(path: Path, key: Any, chunks: Any, infos: list[ArrayInfo], arrays: dict, written: dict) -> None:
@@ -207,25 +218,20 @@ def _place(path: Path, key: Any, chunks: Any, infos: list[ArrayInfo], arrays: di
     if not 0 <= leaf < len(infos):
         raise ReferenceCheckpointError(f"{path}: leaf {leaf} is not in the index ({len(infos)} arrays)")
     info = infos[leaf]
+    if not isinstance(chunks, (list, tuple)):
+        raise ReferenceCheckpointError(f"{path}: the chunks of {info.path} are a {type(chunks).__name__}, "
+                                       "expected a list")
     for chunk in chunks:
-        subchunks, (tag, bounds) = chunk
-        if tag != "__slice__" or len(bounds) != len(info.shape):
-            raise ReferenceCheckpointError(f"{path}: chunk of {info.path} has slice {bounds} for shape {info.shape}")
-        if any(stop > n for (_, stop), n in zip(bounds, info.shape)):
-            raise ReferenceCheckpointError(f"{path}: chunk {bounds} of {info.path} lies outside shape {info.shape}")
-        parts = []
-        for sub in subchunks:
-            if not (isinstance(sub, tuple) and sub[0] == "__array__"):
-                raise ReferenceCheckpointError(f"{path}: chunk of {info.path} holds a non-array subchunk")
-            if sub[1] != info.dtype:
-                raise ReferenceCheckpointError(f"{path}: chunk of {info.path} is {sub[1]}, the index says "
-                                               f"{info.dtype}")
-            parts.append(sub[2])
-        values = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        if not isinstance(chunk, (list, tuple)) or len(chunk) != 2 or not isinstance(chunk[1], tuple) \
+                or chunk[1][0] != "__slice__":
+            raise ReferenceCheckpointError(f"{path}: a chunk of {info.path} is not [arrays, SliceNd]")
+        subchunks, (_, raw_bounds) = chunk
+        bounds = check_slice(path, info.path, info.shape, raw_bounds)
+        values = _chunk_values(path, info, subchunks)
         shape = tuple(stop - start for start, stop in bounds)
         if values.size != int(np.prod(shape, dtype=np.int64)):
             raise ReferenceCheckpointError(f"{path}: chunk {bounds} of {info.path} holds {values.size} values, "
-                                           f"its slice needs {int(np.prod(shape))}")
+                                           f"its slice needs {int(np.prod(shape, dtype=np.int64))}")
         where = tuple(slice(start, stop) for start, stop in bounds)
         if written[leaf][where].any():
             raise ReferenceCheckpointError(f"{path}: chunk {bounds} of {info.path} overlaps another chunk")
