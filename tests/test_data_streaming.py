@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("webdataset")
 pytest.importorskip("datasets")
@@ -25,7 +26,7 @@ TINY_MODEL = {"backbone": "vit_tiny_patch16_224", "moe_layers": [1], "num_expert
 CLI_TIMEOUT_S = 300
 
 
-def write_config(path: Path, data: dict, devices: int, strategy: str = "auto") -> Path:
+def write_config(path: Path, data: dict, devices: int, strategy: str | dict = "auto") -> Path:
     import yaml
     config = {"seed_everything": 0, "model": TINY_MODEL,
               "trainer": {"accelerator": "cpu", "devices": devices, "strategy": strategy, "logger": False,
@@ -54,12 +55,15 @@ def counts(rows: list[dict]) -> collections.Counter:
 
 def test_wds_two_ranks_two_workers_cli_each_sample_once_per_epoch_and_mid_epoch_resume(tmp_path):
     """64 samples in 8 shards of 8, 2 ranks x 2 workers = 4 global workers of 2 shards (16 samples, 4 batches
-    of 4) each: timm's even case. Fit stops at step 3 (mid-epoch 0), then resumes to the end of epoch 1."""
+    of 4) each: timm's even case. Fit stops at step 3 (mid-epoch 0), then resumes to the end of epoch 1.
+    The runs write sharded (DCP) checkpoints, so this also resumes a DCP directory through ``vmoe fit``."""
+    from vmoe.distributed import dcp_to_checkpoint
     data = tmp_path / "shards"
     write_wds(data, "train", [8] * 8)
     write_wds(data, "validation", [4] * 4, start=0)
+    strategy = {"class_path": "vmoe.distributed.ExpertParallelDDPStrategy", "init_args": {"state_dict_type": "sharded"}}
     config = write_config(tmp_path / "tiny.yaml", {"name": "wds/tiny", "root": str(data), "num_classes": 64,
-                                                   "num_workers": 2}, devices=2, strategy="ddp_expert_parallel")
+                                                   "num_workers": 2}, devices=2, strategy=strategy)
     first = tmp_path / "first"
     fit(config, first, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0")
     before = read_targets(first / "targets")
@@ -85,6 +89,9 @@ def test_wds_two_ranks_two_workers_cli_each_sample_once_per_epoch_and_mid_epoch_
     assert {t for r in epoch1 if r["rank"] == 0 for t in r["targets"]}.isdisjoint(
         t for r in epoch1 if r["rank"] == 1 for t in r["targets"])
     assert [r["targets"] for r in epoch1 if r["rank"] == 0][:3] != [r["targets"] for r in before if r["rank"] == 0]
+    # The sharded last.ckpt of the resumed run converts to one file with the full expert set at step 16.
+    one = torch.load(dcp_to_checkpoint(second / "checkpoints" / "last.ckpt", tmp_path / "one.ckpt"), weights_only=False)
+    assert one["global_step"] == 16 and one["state_dict"]["model.blocks.1.mlp.experts.fc1_weight"].shape[0] == 4
 
 
 def simulated_epoch(name: str, root: Path, num_classes: int, world: int = 2, workers: int = 2, epoch: int = 0,

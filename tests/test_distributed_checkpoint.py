@@ -201,6 +201,23 @@ def test_sharded_checkpoint_options_are_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a sharded checkpoint directory"):
         dcp_to_checkpoint(tmp_path / "plain", tmp_path / "x.ckpt")
     assert not (tmp_path / "x.ckpt").exists()
+    from vmoe.distributed.dcp import save_sharded_checkpoint
+    with pytest.raises(ValueError, match="do not support EMAWeightAveraging"):
+        save_sharded_checkpoint({"state_dict": {}, "current_model_state": {}}, tmp_path / "ema")
+    assert not (tmp_path / "ema").exists()
+    from vmoe.train.from_checkpoint import read_lightning_checkpoint
+    with pytest.raises(ValueError, match="--ckpt_path .*plain is a directory but not a sharded checkpoint"):
+        read_lightning_checkpoint(tmp_path / "plain")
+
+
+def test_imagenet21k_config_parses_with_sharded_checkpoints(capsys):
+    from vmoe.train.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "imagenet21k_wds_vmoe_b16.yaml"),
+              "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "state_dict_type: sharded" in out and "num_classes: 21843" in out and "name: wds/imagenet21k" in out
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ class ExpertParallelDDPStrategy(DDPStrategy):
       optimizer moments of the full set; loading slices them, so a checkpoint written with P ranks loads
       with any P', 1 included. ``state_dict_type="sharded"``: a ``torch.distributed.checkpoint`` directory
       to which every rank writes only its own expert slices (and the dense weights once), loadable with any
-      world size and P' (see vmoe.distributed.dcp; ``dcp_to_checkpoint`` makes one file of it). A sharded
-      directory given as ckpt_path is read whatever state_dict_type says.
+      world size and P' (see vmoe.distributed.dcp; ``dcp_to_checkpoint`` makes one file of it).
 
     Other keyword arguments are DDPStrategy's (e.g. find_unused_parameters, static_graph, timeout).
     """
