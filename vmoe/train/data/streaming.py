@@ -11,6 +11,12 @@ up to a multiple of the batch size, cycling through its shards again when they h
 early when they hold more. A sample is seen exactly once per epoch only when the shards divide evenly: equal
 shard sizes, a shard count divisible by W*N and per-worker counts that are multiples of the batch size.
 Otherwise some samples repeat and others are skipped in that epoch (measured in tests/test_data_streaming.py).
+
+Resuming mid-epoch: a stream has no position to restore (Lightning warns that the loader is not resumable)
+and restarts the epoch from its first sample for the batches the epoch had left, so the batches before the
+checkpoint are trained on twice and the epoch's last ones not at all; the following epochs are whole.
+(Skipping the batches already given would not be exact either: persistent workers carry their sample-shuffle
+random state across epochs.)
 """
 from __future__ import annotations
 
