@@ -6,6 +6,7 @@ Sample k carries label k, so the labels of the training batches say which sample
 """
 import collections
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +42,20 @@ def fit(config: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     env.pop("VMOE_DEBUG", None)
-    run = subprocess.run([sys.executable, "-m", "vmoe.train.cli", "fit", "--config", str(config),
-                          "--trainer.default_root_dir", str(out), "--trainer.callbacks+=streaming_data.RecordTargets",
-                          "--trainer.callbacks.out_dir", str(out / "targets"), *args],
-                         env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, start_new_session=True)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    return run
+    cmd = [sys.executable, "-m", "vmoe.train.cli", "fit", "--config", str(config), "--trainer.default_root_dir",
+           str(out), "--trainer.callbacks+=streaming_data.RecordTargets", "--trainer.callbacks.out_dir",
+           str(out / "targets"), *args]
+    # A session of its own: on a timeout the whole group goes, the ranks Lightning started included.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def counts(rows: list[dict]) -> collections.Counter:
