@@ -210,6 +210,43 @@ def test_sharded_checkpoint_options_are_checked(tmp_path):
         read_lightning_checkpoint(tmp_path / "plain")
 
 
+def test_sharded_checkpoint_in_one_process_before_and_after_the_first_step(tmp_path):
+    """No process group, no sharded experts (DCP runs without one): an AdamW that has not stepped is saved
+    with its param groups only and stays unstepped after a load (no zero-lr step counted); after a step the
+    moments and the step count round-trip exactly, through a load and through the one-file converter."""
+    from vmoe.distributed.dcp import (dcp_to_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint,
+                                      sharded_model_state, sharded_optimizer_state)
+
+    def save(model, opt, name):
+        save_sharded_checkpoint({"state_dict": sharded_model_state(model, None), "epoch": 3,
+                                 "optimizer_states": [sharded_optimizer_state(model, opt, None)]}, tmp_path / name)
+
+    torch.manual_seed(0)
+    model = AdamNet()
+    opt = model.configure_optimizers()
+    save(model, opt, "fresh")
+    assert not opt.state  # saving did not initialise the moments
+    other = AdamNet()
+    other_opt = other.configure_optimizers()
+    meta = load_sharded_checkpoint(tmp_path / "fresh", other, [other_opt], None)
+    assert meta == {"epoch": 3} and not other_opt.state
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert dcp_to_checkpoint(tmp_path / "fresh", tmp_path / "fresh.ckpt") and \
+        torch.load(tmp_path / "fresh.ckpt", weights_only=False)["optimizer_states"][0]["state"] == {}
+
+    _replay_step(model, opt, [ddp_test.dataset().tensors])
+    save(model, opt, "stepped")  # replaces nothing: a new directory
+    save(model, opt, "stepped")  # over an existing checkpoint
+    fresh = AdamNet()
+    fresh_opt = fresh.configure_optimizers()
+    load_sharded_checkpoint(tmp_path / "stepped", fresh, [fresh_opt], None)
+    assert_equal_to_replay({"state_dict": fresh.state_dict(), "optimizer_states": [fresh_opt.state_dict()]}, model,
+                           opt, "one process, loaded", tol=0.0)
+    one = torch.load(dcp_to_checkpoint(tmp_path / "stepped", tmp_path / "stepped.ckpt"), weights_only=False)
+    assert_equal_to_replay(one, model, opt, "one process, converted", tol=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "fresh.ckpt", "stepped", "stepped.ckpt"]
+
+
 def test_imagenet21k_config_parses_with_sharded_checkpoints(capsys):
     from vmoe.train.cli import main
     with pytest.raises(SystemExit) as exit_info:

@@ -68,7 +68,7 @@ def _local(value: Any) -> Any:
         "replica", "expert") else value
 
 
-def sharded_model_state(module: nn.Module, mesh: DeviceMesh) -> dict[str, Any]:
+def sharded_model_state(module: nn.Module, mesh: DeviceMesh | None) -> dict[str, Any]:
     """``module.state_dict()`` with every expert tensor [E/P, ...] as a DTensor [E, ...] on ``mesh``
     (FSDP2's dense DTensors and plain tensors as they are). Shares storage with the parameters."""
     state = module.state_dict()
@@ -77,9 +77,17 @@ def sharded_model_state(module: nn.Module, mesh: DeviceMesh) -> dict[str, Any]:
     return state
 
 
-def sharded_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh) -> dict[str, Any]:
-    """The optimizer state keyed by parameter name (``get_optimizer_state_dict``; an empty state is
-    initialised first, so a fresh optimizer can receive a load), expert moments as DTensors on ``mesh``."""
+def sharded_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh | None, *,
+                            initialise: bool = False) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name (``get_optimizer_state_dict``), expert moments as DTensors
+    on ``mesh``. An optimizer that has not stepped has no state and is saved as such (its param groups), unless
+    ``initialise``: a load target, which ``get_optimizer_state_dict`` fills with the zeros of a zero-lr step
+    that the load then overwrites (never done on save: it would count a step Adam did not take)."""
+    if not optimizer.state and not initialise:
+        names = {id(p): n for n, p in module.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        return {"state": {}, "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                                              for g in optimizer.state_dict()["param_groups"]]}
     state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=False))
     experts = expert_parameter_names(module)
     params = dict(module.named_parameters())
@@ -153,7 +161,7 @@ def _remove(path: Path) -> None:
 
 
 def load_sharded_checkpoint(path: str | os.PathLike, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
-                            mesh: DeviceMesh, *, strict: bool = True) -> dict[str, Any]:
+                            mesh: DeviceMesh | None, *, strict: bool = True) -> dict[str, Any]:
     """Read a directory of :func:`save_sharded_checkpoint` into ``module`` (and ``optimizers``, when given) in
     their current layout, whatever the world size and expert-parallel size that wrote it (collective).
     Returns the rest of the checkpoint (meta.pt: loops, callbacks, schedulers, hyper-parameters)."""
@@ -166,7 +174,11 @@ def load_sharded_checkpoint(path: str | os.PathLike, module: nn.Module, optimize
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         if not any(key.startswith("optimizer_states.") for key in stored):
             raise KeyError(f"{path} holds no optimizer state (saved with weights only?); cannot resume training")
-        target["optimizer_states"] = [sharded_optimizer_state(module, opt, mesh) for opt in optimizers]
+        # an optimizer saved before its first step has param groups only
+        target["optimizer_states"] = [
+            sharded_optimizer_state(module, opt, mesh, initialise=any(k.startswith(f"optimizer_states.{i}.state.")
+                                                                      for k in stored))
+            for i, opt in enumerate(optimizers)]
     # Reads in place into the tensors of target; the DTensors' local parts are this rank's slices.
     dcp.load(target, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=not strict))
     model_state = {k: _local(v) for k, v in target["state_dict"].items()}
@@ -187,10 +199,11 @@ def _native_optimizer_state(state: Mapping[str, Any]) -> dict[str, Any]:
         for name in names:
             index[name] = len(index)
         groups.append({**group, "params": [index[n] for n in names]})
-    unknown = sorted(set(state["state"]) - set(index))
+    entries = state.get("state", {})  # DCP stores no empty dict: an optimizer saved before its first step
+    unknown = sorted(set(entries) - set(index))
     if unknown:
         raise ValueError(f"optimizer state for parameters outside every param group: {unknown[:5]}")
-    return {"state": {index[name]: dict(entry) for name, entry in state["state"].items()}, "param_groups": groups}
+    return {"state": {index[name]: dict(entry) for name, entry in entries.items()}, "param_groups": groups}
 
 
 def dcp_to_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
