@@ -11,7 +11,8 @@ from .shard import (expert_parameter_names, expert_parameters, gather_expert_sta
                     shard_expert_state_dict, shard_experts, shard_optimizer_state, sharded_layers, unshard_experts)
 
 __all__ = [
-    "ExpertParallel", "ExpertParallelDispatch", "dcp_to_checkpoint", "is_sharded_checkpoint", "all_to_all", "clip_grad_norm_", "sync_expert_grads", "ExpertParallelGroups",
+    "ExpertParallel", "ExpertParallelDispatch", "all_to_all", "clip_grad_norm_", "sync_expert_grads", "ExpertParallelGroups",
+    "dcp_to_checkpoint", "is_sharded_checkpoint",
     "new_expert_parallel_groups", "expert_parameter_names", "expert_parameters", "gather_expert_state_dict",
     "gather_optimizer_state", "shard_expert_state_dict", "shard_experts", "shard_optimizer_state",
     "sharded_layers", "unshard_experts", "ExpertParallelDDPStrategy", "ExpertParallelFSDPStrategy",
