@@ -11,10 +11,12 @@ is imported) or ``{class_path: vmoe.distributed.ExpertParallelFSDPStrategy, init
 - gradients: FSDP2 reduce-scatters the dense gradients (mean over the W ranks); ``sync_expert_grads`` turns
   the expert gradients into the same mean. Norm clipping uses the norm of the whole model, the same on
   every rank (``vmoe.distributed.clip_grad_norm_`` sums the DTensor shards over the mesh).
-- checkpoints hold plain full tensors: dense parameters and optimizer moments are all-gathered
+- checkpoints (``state_dict_type="full"``, the default) hold plain full tensors: dense parameters and optimizer moments are all-gathered
   (``DTensor.full_tensor``), experts gathered from their group, in the layout of ``model.state_dict()`` /
   ``optimizer.state_dict()`` of one process. They load with plain ``load_state_dict`` in one process, and
   back into this strategy (dense parts re-sharded, experts re-sliced; tested 2 ranks -> 2 ranks).
+  ``state_dict_type="sharded"``: a DCP directory of FSDP2's dense shards and each rank's expert slices
+  (vmoe.distributed.dcp), nothing gathered.
 - precision: "32-true" or "bf16-mixed" (autocast; float32 parameters, gradients and optimizer state);
   anything else raises ValueError at the start of setup.
 """
@@ -171,6 +173,8 @@ class ExpertParallelFSDPStrategy(ExpertParallelDDPStrategy):
 
     # --- checkpoints: full plain tensors, experts gathered ----------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.sharded:
+            return self._sharded_module_state()  # dense DTensor shards and expert slices, nothing gathered
         module = self.lightning_module
         state = module.state_dict()
         # full_tensor() is collective over the FSDP mesh: every rank walks the same keys in the same order.
@@ -178,12 +182,16 @@ class ExpertParallelFSDPStrategy(ExpertParallelDDPStrategy):
         return gather_expert_state_dict(module, full)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self.sharded:
+            return self._sharded_optimizer_state(optimizer)
         raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         state = raw.state_dict()
         full = {i: {k: _full(v) for k, v in sorted(entry.items())} for i, entry in sorted(state["state"].items())}
         return gather_optimizer_state(raw, self.lightning_module, {**state, "state": full})
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._restored_sharded:
+            return  # load_checkpoint read the weights into the sharded model
         module = self.lightning_module
         state = shard_expert_state_dict(module, checkpoint["state_dict"])
         current = module.state_dict()  # DTensors once fully_shard ran (restores before setup see plain tensors)

@@ -27,6 +27,8 @@ def read_lightning_checkpoint(path: str | os.PathLike, option: str = "--ckpt_pat
     """The checkpoint dict of a ``vmoe fit`` .ckpt, or a ValueError naming ``option``, the file and what is wrong
     (missing, empty, truncated, network weights instead of a training state, NaN/inf weights, ...)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return _sharded_checkpoint_meta(path, option)
     if path.endswith(".safetensors"):
         raise ValueError(f"{option} {path}: a .safetensors file holds network weights only, while {option} takes a "
                          "Lightning .ckpt written by `vmoe fit` (weights, hyper-parameters, optimizer and loop "
@@ -46,6 +48,20 @@ def read_lightning_checkpoint(path: str | os.PathLike, option: str = "--ckpt_pat
         check_finite_weights(ckpt["state_dict"], f"{option} {path}",
                              hint="  (use an earlier checkpoint of the run, e.g. its best-*.ckpt)")
     return dict(ckpt)
+
+
+def _sharded_checkpoint_meta(path: str, option: str) -> dict[str, Any]:
+    """A sharded (DCP) checkpoint directory: its meta.pt (hyper-parameters, loops); the tensors are read by the
+    expert-parallel strategy that loads it."""
+    from ..distributed.dcp import META_FILE, is_sharded_checkpoint
+
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"{option} {path} is a directory but not a sharded checkpoint (expected .metadata and "
+                         f"{META_FILE}, as an expert-parallel strategy with state_dict_type='sharded' writes)")
+    meta = dict(read_checkpoint(os.path.join(path, META_FILE)))
+    if "hyper_parameters" not in meta:
+        raise ValueError(f"{option} {path} has no hyper_parameters in {META_FILE}; not written by `vmoe fit`")
+    return meta
 
 
 def classifier_hparams(hparams: Mapping[str, Any], keep: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:

@@ -114,6 +114,9 @@ class TimmDataModule(ImageDataModule):
     ``color_jitter``, ``auto_augment`` (timm strings: "rand-m9-mstd0.5-inc1" = RandAugment, "augmix-m5-w4-d2",
     "trivialaugment"), random erasing (``re_prob``, ``re_mode``, ``re_count``); evaluation: resize by crop_pct
     and centre crop. ``max_train_samples`` / ``max_eval_samples``: seeded random subsets (quick runs).
+    Streaming readers (wds/, hfids/, tfds/): ``train_num_samples`` / ``eval_num_samples`` = the samples of one
+    epoch of a split (timm's ``num_samples``; default the split's size from the shards' _info.json or the
+    dataset's metadata); per-epoch coverage and resume: vmoe.train.data.streaming.
     """
 
     def __init__(self, root: str, name: str = "", train_split: str = "train", val_split: str = "validation",
@@ -125,6 +128,7 @@ class TimmDataModule(ImageDataModule):
                  hflip: float = 0.5, vflip: float = 0.0, color_jitter: float | None = None,
                  auto_augment: str | None = None, re_prob: float = 0.0, re_mode: str = "pixel", re_count: int = 1,
                  max_train_samples: int | None = None, max_eval_samples: int | None = None, subset_seed: int = 0,
+                 train_num_samples: int | None = None, eval_num_samples: int | None = None,
                  download: bool = False, batch_size: int = 128, eval_batch_size: int | None = None,
                  num_workers: int = 4, pin_memory: bool | None = None) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
@@ -132,12 +136,17 @@ class TimmDataModule(ImageDataModule):
             raise ValueError(f"in_chans must be 1 (grey) or 3 (RGB), got {in_chans}")
         if not 0 <= re_prob <= 1 or not 0 <= hflip <= 1 or not 0 <= vflip <= 1:
             raise ValueError(f"re_prob, hflip and vflip are probabilities in [0, 1]; got {re_prob}, {hflip}, {vflip}")
-        for key, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+        for key, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples),
+                           ("train_num_samples", train_num_samples), ("eval_num_samples", eval_num_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1 or None, got {value}")
         self.name, self.root, self.download = name, root, download
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
         self.streaming = name.lower().startswith(_STREAMING)
+        if not self.streaming and (train_num_samples is not None or eval_num_samples is not None):
+            raise ValueError(f"train_num_samples / eval_num_samples apply to streaming datasets ({', '.join(_STREAMING)}"
+                             f"...), not to name={name!r}; use max_train_samples / max_eval_samples for subsets")
+        self.num_samples = {"train": train_num_samples, "val": eval_num_samples, "test": eval_num_samples}
         self.max_train_samples, self.max_eval_samples, self.subset_seed = max_train_samples, max_eval_samples, subset_seed
         self.in_chans, self.model_name = in_chans, model
         self.data_config = resolve_model_data_config(model, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
@@ -211,7 +220,8 @@ class TimmDataModule(ImageDataModule):
 
         training = split == "train"
         local = self._local()
-        ds = create_dataset(self.name, root=str(self.split_path(split)) if local else self.root,
+        extra = {"num_samples": self.num_samples[split]} if self.num_samples[split] is not None else {}
+        ds = create_dataset(self.name, root=str(self.split_path(split)) if local else self.root, **extra,
                             split=self.splits[split], search_split=False, class_map=self.class_to_idx,
                             is_training=training, download=self.download, batch_size=self.batch_size,
                             input_img_mode="L" if self.in_chans == 1 else "RGB")
@@ -234,13 +244,21 @@ class TimmDataModule(ImageDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._dataset("test")
 
+    def train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_set, IterableDataset):
+            # no sampler to make resumable: a stream restarts its epoch on resume (see vmoe.train.data.streaming)
+            return self._loader(self.train_set, "train", train=True)
+        return super().train_dataloader()
+
     def _loader(self, dataset: Dataset | None, split: str, *, train: bool) -> DataLoader:
         if not isinstance(dataset, IterableDataset):
             return super()._loader(dataset, split, train=train)
         # timm's iterable readers shuffle (is_training) and split shards over ranks and workers themselves
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, drop_last=train)
+        from .streaming import StreamLoader
+
+        return StreamLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            persistent_workers=self.num_workers > 0, drop_last=train)
 
 
 class _TransformSubset(Subset):
