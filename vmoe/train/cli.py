@@ -23,6 +23,7 @@ from ..distributed import fsdp as _fsdp_expert_parallel  # noqa: F401  registers
 from ..distributed import strategy as _expert_parallel  # noqa: F401  registers trainer.strategy "ddp_expert_parallel"
 from ..errors import DEBUG_ENV, UsageError, exit_status
 from .callbacks import LastCheckpoint, PredictionWriter
+from .cli_errors import VMoEArgumentParser, innermost_cause
 from .from_checkpoint import STARTING_WEIGHTS, classifier_hparams, read_lightning_checkpoint
 from .data.base import ImageDataModule
 from .module import ImageClassifier
@@ -107,6 +108,8 @@ class VMoECLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"accelerator": "auto", "default_root_dir": "runs/default"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        # One-line errors naming the closest valid options, and the short help (cli_errors, cli_help).
+        kwargs.setdefault("parser_class", VMoEArgumentParser)
         kwargs.setdefault("parser_kwargs", {
             "prog": "vmoe", "description": "vmoe: train and evaluate vision Mixture-of-Experts on timm ViTs with "
                                            "Lightning.",
@@ -117,6 +120,18 @@ class VMoECLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("allow_abbrev", False)  # --trainer.max_epoch must not pass for --trainer.max_epochs
         return super().init_parser(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            # A class that fails to build (a data folder without a train split, a bad model argument) reaches
+            # here wrapped by jsonargparse in "Does not validate against any of the Union subtypes ...": report
+            # the cause itself.
+            cause = innermost_cause(err)
+            if cause is err:
+                raise
+            raise cause from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
