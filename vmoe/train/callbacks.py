@@ -18,7 +18,11 @@ class LastCheckpoint(Callback):
     always holds the latest state, whatever the best-by-metric ModelCheckpoint keeps.
 
     (Lightning's ``ModelCheckpoint(save_last=True)`` with a monitor rewrites last.ckpt only when it saves a
-    new best.) dirpath: None = the directory of the trainer's ModelCheckpoint (``<log_dir>/checkpoints``).
+    new best.)
+
+    Args:
+        dirpath: Folder of last.ckpt; null = the ModelCheckpoint's folder (<log_dir>/checkpoints).
+        filename: File name, ending in .ckpt.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt") -> None:

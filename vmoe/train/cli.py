@@ -16,7 +16,6 @@ from typing import Any, Sequence
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..distributed import fsdp as _fsdp_expert_parallel  # noqa: F401  registers "fsdp_expert_parallel"
@@ -24,10 +23,12 @@ from ..distributed import strategy as _expert_parallel  # noqa: F401  registers 
 from ..errors import DEBUG_ENV, UsageError, exit_status
 from .callbacks import LastCheckpoint, PredictionWriter
 from .cli_errors import VMoEArgumentParser, innermost_cause
+from .config_layers import dropped_callbacks
 from .from_checkpoint import STARTING_WEIGHTS, classifier_hparams, read_lightning_checkpoint
 from .data.base import ImageDataModule
 from .module import ImageClassifier
 from .resume import ResumeStateCheckpoint
+from .run_layout import default_loggers, evaluation_log_root
 
 __all__ = ["main", "run", "VMoECLI", "UsageError", "DEBUG_ENV", "LIGHTNING_COMMANDS", "default_loggers",
            "explicit_model_keys"]
@@ -56,23 +57,6 @@ def explicit_model_keys(argv: Sequence[str]) -> set[str] | None:
                 parts = parts[1:]
             keys.add(parts[0])
     return keys
-
-
-def _next_version(root: Path) -> int:
-    versions = [int(p.name.split("_")[1]) for p in root.glob("version_*")
-                if p.is_dir() and p.name.split("_")[1].isdigit()]
-    return max(versions, default=-1) + 1
-
-
-def default_loggers(save_dir: str | os.PathLike) -> list[Logger]:
-    """CSV logger, plus TensorBoard when it is installed, sharing <save_dir>/lightning_logs/version_N."""
-    version = _next_version(Path(save_dir) / "lightning_logs")
-    loggers: list[Logger] = [CSVLogger(save_dir, name="lightning_logs", version=version)]
-    if importlib.util.find_spec("tensorboard") is not None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir, name="lightning_logs", version=version, default_hp_metric=False))
-    return loggers
 
 
 # Values of --ckpt_path that Lightning resolves itself (not file paths).
@@ -147,6 +131,8 @@ class VMoECLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        for message in dropped_callbacks(self._raw_argv):  # before parsing: --print_config exits inside it
+            rank_zero_warn(message)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -215,8 +201,21 @@ class VMoECLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or os.getcwd())
+            root = trainer_cfg.get("default_root_dir") or os.getcwd()
+            if self.subcommand in EVALUATING:  # next to the evaluated checkpoint: the next fit keeps its version_N
+                model = self.config[self.subcommand]["model"]
+                weights = model.get("checkpoint_path") or ("pretrained" if model.get("pretrained") else "initial")
+                kwargs["logger"] = default_loggers(*evaluation_log_root(self.subcommand, self._held_ckpt_path, root,
+                                                                        weights=weights))
+            else:
+                kwargs["logger"] = default_loggers(root)
         return super().instantiate_trainer(**kwargs)
+
+    def _report_log_dir(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            print(f"logs: {self.trainer.log_dir}")
+
+    after_validate = after_test = after_predict = _report_log_dir
 
 
 def run(argv: Sequence[str] | None = None) -> VMoECLI:

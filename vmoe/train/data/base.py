@@ -48,6 +48,12 @@ class ImageDataModule(L.LightningDataModule):
     (so the CLI can link them into the model before anything is loaded) and build
     ``train_set`` / ``val_set`` / ``test_set`` in ``setup``. predict uses the test split. Subclasses that know
     their classes' names set ``class_names`` (index = label).
+
+    Args:
+        batch_size: Training images per batch (per device).
+        eval_batch_size: Images per batch in validate/test/predict; null = batch_size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: Pin host memory for faster GPU copies; null = when CUDA is available.
     """
 
     class_names: Sequence[str] | None = None
