@@ -14,8 +14,9 @@ __all__ = ["PredictionWriter", "LastCheckpoint"]
 
 
 class LastCheckpoint(Callback):
-    """Write ``last.ckpt`` (full training state) after every training epoch and at the end of ``fit``, so it
-    always holds the latest state, whatever the best-by-metric ModelCheckpoint keeps.
+    """Write ``last.ckpt`` (the full training state) after every training epoch and at the end of ``fit``.
+
+    last.ckpt thus always holds the latest state, whatever the best-by-metric ModelCheckpoint keeps.
 
     (Lightning's ``ModelCheckpoint(save_last=True)`` with a monitor rewrites last.ckpt only when it saves a
     new best.)
@@ -69,8 +70,11 @@ class LastCheckpoint(Callback):
 class PredictionWriter(BasePredictionWriter):
     """After ``vmoe predict``, write one row per image: index, pred, prob (of pred), target (when known).
 
-    output: the CSV path; None = <trainer.log_dir>/predictions.csv. Written atomically (temp file + rename).
-    With several processes each writes its own file, suffixed by its global rank.
+    Written atomically (temp file + rename). With several processes each writes its own file, suffixed by its
+    global rank.
+
+    Args:
+        output: CSV path; null = predictions.csv in the log dir (next to the evaluated checkpoint).
     """
 
     def __init__(self, output: str | None = None) -> None:

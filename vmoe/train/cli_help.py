@@ -10,7 +10,7 @@ from jsonargparse import DefaultHelpFormatter
 __all__ = ["VMoEHelpFormatter", "short_help"]
 
 # Help texts longer than this keep only their leading sentences (at least the first one).
-MAX_HELP_CHARS = 160
+MAX_HELP_CHARS = 120
 # A parser with more options than this shows one generic usage line instead of every option.
 MAX_USAGE_OPTIONS = 12
 _RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
@@ -48,6 +48,12 @@ class VMoEHelpFormatter(DefaultHelpFormatter):
             return _class_name_subclasses(super()._get_help_string(action))
         finally:
             action.help = help_text
+
+    def start_section(self, heading: str | None) -> None:
+        # Group titles are the first lines of class docstrings, sometimes cut mid-sentence: keep one sentence.
+        if heading:
+            heading = short_help(heading, max_chars=0).rstrip(".:")
+        super().start_section(heading)
 
     def _format_usage(self, usage, actions, groups, prefix):  # type: ignore[override]
         options = [a for a in actions if a.option_strings]

@@ -27,8 +27,9 @@ def _block_name(qualified: str) -> str:
 
 
 class ImageClassifier(L.LightningModule):
-    """Image classification with a V-MoE or dense timm ViT (``self.model``; state-dict prefix "model.").
+    """Image classification with a V-MoE or a dense timm ViT.
 
+    The network is ``self.model`` (state-dict prefix "model.").
     ``moe_layers=None`` makes it dense (the MoE arguments are then unused, and eval_capacity_factor /
     batch_priority must stay at their defaults). Loss: cross-entropy on logits [B, C] + the MoE auxiliary
     loss; with Mixup/CutMix (timm's ``Mixup``) the targets become soft and train/acc1 counts the class with the

@@ -44,7 +44,9 @@ def seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[Tensor]:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Base class: subclasses set ``num_classes``, ``in_chans``, ``img_size``, ``mean``, ``std`` in __init__
+    """Base class of the data modules (``--data CLASS``; ``--data.help CLASS`` lists the options of one).
+
+    Subclasses set ``num_classes``, ``in_chans``, ``img_size``, ``mean``, ``std`` in __init__
     (so the CLI can link them into the model before anything is loaded) and build
     ``train_set`` / ``val_set`` / ``test_set`` in ``setup``. predict uses the test split. Subclasses that know
     their classes' names set ``class_names`` (index = label).
