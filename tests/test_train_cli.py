@@ -123,7 +123,7 @@ def test_upcycle_through_the_cli_then_test_without_the_dense_file(tmp_path):
     weights.unlink()  # the test run must not need the upcycling source any more
     main(["test", *TINY, "--trainer.default_root_dir", root, "--ckpt_path", str(last),
           "--trainer.limit_test_batches", "1"])
-    assert (tmp_path / "ft" / "lightning_logs" / "version_1" / "metrics.csv").is_file()
+    assert (tmp_path / "ft" / "lightning_logs" / "version_0" / "eval" / "test-last" / "version_0" / "metrics.csv").is_file()
     # visualize / sweep rebuild the same classifier from the checkpoint (one shared function): an upcycled
     # checkpoint (upcycle_kwargs set, its dense source gone) must load there too.
     from vmoe.viz.cli import sweep, visualize

@@ -59,6 +59,10 @@ class ImageDataModule(L.LightningDataModule):
     """
 
     class_names: Sequence[str] | None = None
+    # The evaluation preprocessing, as timm names it (what `vmoe export` records): the in-memory datasets
+    # (digits, Fashion-MNIST, CIFAR) resize whole images bilinearly, without a crop; TimmDataModule sets its own.
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
     num_classes: int
     in_chans: int
     img_size: int
