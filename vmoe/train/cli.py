@@ -7,10 +7,8 @@ every command and dispatches these four here.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from lightning.pytorch import Trainer

@@ -290,7 +290,8 @@ def plot_capacity_sweep(rows: Sequence[Mapping[str, float | str]], *, title: str
         acc_ax.plot(cf, acc, label=label, **st)
         if all(r.get("num_images") for r in sel):
             bounds = [wilson_interval(round(r["accuracy"] * r["num_images"]), int(r["num_images"])) for r in sel]
-            yerr = [[a - 100 * lo for a, (lo, _) in zip(acc, bounds)], [100 * hi - a for a, (_, hi) in zip(acc, bounds)]]
+            yerr = [[a - 100 * lo for a, (lo, _) in zip(acc, bounds)],
+                    [100 * hi - a for a, (_, hi) in zip(acc, bounds)]]
             acc_ax.errorbar(cf, acc, yerr=yerr, fmt="none", ecolor=st.get("color"), capsize=3, lw=1)
         drop_ax.plot(cf, [100 * r["dropped_tokens"] for r in sel], label=label, **st)
     drop_ax.set_ylim(bottom=0)
