@@ -113,7 +113,7 @@ def test_class_share_and_sweep_plots():
     np.testing.assert_allclose(sorted(segments, key=lambda s: (s[0][0], s[0][1]))[0][:, 1],
                                [29.93, 70.07], atol=0.01)
     low, high = acc_ax.get_ylim()
-    assert acc_ax.get_title() == (f"axis {low:.1f}-{high:.1f}% (zoomed, not from 0); bars: 95% binomial (Wilson) "
+    assert acc_ax.get_title() == (f"axis {low:.1f}-{high:.1f}% (zoomed, not from 0)\nbars: 95% binomial (Wilson) "
                                   "interval, n = 20 images")
     assert fig.axes[1].get_ylim()[0] == 0
     fig.savefig(io.BytesIO(), format="png")

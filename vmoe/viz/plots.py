@@ -281,7 +281,9 @@ def plot_capacity_sweep(rows: Sequence[Mapping[str, float | str]], *, title: str
     acc_ax, drop_ax = fig.subplots(1, 2)
     style = {"vanilla": dict(color="#D55E00", marker="o", ls="--"), "bpr": dict(color="#0072B2", marker="s")}
     sizes = {int(r["num_images"]) for r in rows if r.get("num_images")}
-    for mode in dict.fromkeys(r["mode"] for r in rows):
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    span = max(r["capacity_factor"] for r in rows) - min(r["capacity_factor"] for r in rows)
+    for index, mode in enumerate(modes):
         sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["capacity_factor"])
         cf = [r["capacity_factor"] for r in sel]
         st = style.get(mode, {})
@@ -292,14 +294,17 @@ def plot_capacity_sweep(rows: Sequence[Mapping[str, float | str]], *, title: str
             bounds = [wilson_interval(round(r["accuracy"] * r["num_images"]), int(r["num_images"])) for r in sel]
             yerr = [[a - 100 * lo for a, (lo, _) in zip(acc, bounds)],
                     [100 * hi - a for a, (_, hi) in zip(acc, bounds)]]
-            acc_ax.errorbar(cf, acc, yerr=yerr, fmt="none", ecolor=st.get("color"), capsize=3, lw=1)
+            # the two modes' bars side by side (dodged by 1% of the x range) so that they do not hide each other
+            dodge = (index - (len(modes) - 1) / 2) * 0.01 * (span or 1.0)
+            acc_ax.errorbar([c + dodge for c in cf], acc, yerr=yerr, fmt="none", ecolor=st.get("color"), capsize=3,
+                            lw=1)
         drop_ax.plot(cf, [100 * r["dropped_tokens"] for r in sel], label=label, **st)
     drop_ax.set_ylim(bottom=0)
     low, high = acc_ax.get_ylim()
     n_text = f"n = {', '.join(f'{n:,}' for n in sorted(sizes))} images" if sizes else "no image counts"
     bars = "bars: 95% binomial (Wilson) interval" if sizes else "no intervals"
     acc_ax.set_ylabel("test accuracy (%)")
-    acc_ax.set_title(f"axis {low:.1f}-{high:.1f}% (zoomed, not from 0); {bars}, {n_text}", fontsize=8)
+    acc_ax.set_title(f"axis {low:.1f}-{high:.1f}% (zoomed, not from 0)\n{bars}, {n_text}", fontsize=8)
     drop_ax.set_ylabel("tokens that lost every choice (%)")
     drop_ax.set_title(f"axis from 0 to {drop_ax.get_ylim()[1]:.0f}%", fontsize=8)
     for ax in (acc_ax, drop_ax):
