@@ -71,7 +71,9 @@ class VMoECLI(LightningCLI):
     checkpoints carry the random states and the training loader's position (exact resume); ``vmoe predict``
     writes a CSV (``--predictions.output``, default <log_dir>/predictions.csv); num_classes / img_size /
     in_chans linked from the DataModule; CSV (+ TensorBoard) logging under ``trainer.default_root_dir`` unless
-    ``trainer.logger`` is set; no abbreviated options. ``--ckpt_path`` is checked before anything runs (a
+    ``trainer.logger`` is set, validate/test/predict next to the checkpoint they evaluate (``run_layout``); no
+    abbreviated options, one-line errors naming the closest valid options and the short help (``cli_errors``,
+    ``cli_help``). ``--ckpt_path`` is checked before anything runs (a
     missing, damaged or non-Lightning file is named with the cause); its hyper-parameters fill in the model
     arguments except those given explicitly on the command line and the evaluation routing settings
     (eval_capacity_factor, batch_priority: always the command's own), and the model is built without its
