@@ -12,11 +12,12 @@ from typing import Any, Iterable, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from ..errors import DEBUG_ENV
 from .cli_help import VMoEHelpFormatter
 
 __all__ = ["VMoEArgumentParser", "closest", "concise_error", "innermost_cause", "innermost_line", "init_parameters"]
 
-DEBUG_ENV = "VMOE_DEBUG"
+
 # Lines of jsonargparse's nested messages that restate the context rather than the cause.
 _NOISE = ("Given value", "Subtypes:", "Errors:", "Does not validate against any of the Union subtypes",
           "- Expected a <class 'NoneType'>", "Expected a <class 'NoneType'>")
