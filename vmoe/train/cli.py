@@ -98,8 +98,11 @@ class VMoECLI(LightningCLI):
             "prog": "vmoe", "description": "vmoe: train and evaluate vision Mixture-of-Experts on timm ViTs with "
                                            "Lightning.",
             "epilog": "vmoe --help lists every command (visualize, sweep, flops, ... beside these)."})
+        # The console script passes sys.argv[1:] itself: hand Lightning None then, which it reads from sys.argv
+        # anyway, instead of a copy it warns about ("not recommended to provide both args and command line").
+        same_as_argv = args is not None and list(args) == sys.argv[1:]
         super().__init__(ImageClassifier, ImageDataModule, subclass_mode_data=True,
-                         args=None if args is None else list(args), **kwargs)
+                         args=None if args is None or same_as_argv else list(args), **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("allow_abbrev", False)  # --trainer.max_epoch must not pass for --trainer.max_epochs
