@@ -9,7 +9,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser, capture_parser
 
-from vmoe.moe import iter_moe_layers
+from vmoe.moe import iter_moe_mlps
 from vmoe.moe.build import available_routers
 from vmoe.train import data as datamodules
 from vmoe.train.cli import VMoECLI, main
@@ -134,7 +134,7 @@ def _build(args: list[str], tmp_path: Path) -> VMoECLI:
 @pytest.mark.parametrize("router", available_routers())
 def test_quickstart_config_takes_every_router(router, tmp_path):
     cli = _build(["--config", QUICKSTART, *TINY, "--model.router", router], tmp_path)
-    layers = [layer for _, layer in iter_moe_layers(cli.model.model)]
+    layers = [layer for _, layer in iter_moe_mlps(cli.model.model)]
     assert len(layers) == 1 and cli.model.hparams.router == router  # depth 2, every-2: block 1
     assert cli.model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
