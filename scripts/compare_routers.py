@@ -2,6 +2,7 @@
 
     nice -n 5 python scripts/compare_routers.py                       # digits, all schemes
     python scripts/compare_routers.py --schemes '[vmoe, switch]' --max_epochs 5
+    python scripts/compare_routers.py --seeds '[0, 1, 2]'             # one table per seed, then the spread
 
 Columns: test accuracy; mean wall time per training step (forward + backward + optimizer, after warm-up);
 the weighted auxiliary loss (sum over MoE layers, mean over the last training epoch); load CV (std/mean of
@@ -104,14 +105,39 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def format_spread_table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
+    """One row per scheme over several seeds: test accuracy mean and min-max, the other columns' means."""
+    seeds = sorted(per_seed)
+    header = (f"| scheme | test acc, mean of seeds {', '.join(map(str, seeds))} | min - max | ms/step | aux loss | "
+              "load CV | dropped |")
+    rows = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    for name in per_seed[seeds[0]]:
+        runs = [per_seed[s][name] for s in seeds if name in per_seed[s]]
+        acc = [r["test_acc"] for r in runs]
+        rows.append(f"| {name} | {mean(acc):.3f} | {min(acc):.3f} - {max(acc):.3f} | "
+                    f"{mean([r['ms_per_step'] for r in runs]):.1f} | {mean([r['aux_loss'] for r in runs]):.4f} | "
+                    f"{mean([r['load_cv'] for r in runs]):.3f} | {mean([r['dropped'] for r in runs]):.3f} |")
+    return "\n".join(rows)
+
+
 def main(schemes: list[str] | None = None, max_epochs: int = 15, seed: int = 0, num_experts: int = 4,
          embed_dim: int = 64, depth: int = 4, lr: float = 2e-3, out: str = "runs/compare_routers",
-         threads: int | None = 1) -> dict[str, dict[str, float]]:
+         threads: int | None = 1, seeds: list[int] | None = None) -> dict[str, dict[str, float]]:
     """Train each scheme (default: all of SCHEMES) on digits 16x16 with a 4-block ViT of width 64 whose
     blocks 1 and 3 are MoE with ``num_experts`` experts; print and save the table.
 
     threads: torch CPU threads (1 by default: on a busy shared CPU more threads mostly wait on each other,
-    which makes the step times noise); None keeps torch's default."""
+    which makes the step times noise); None keeps torch's default. seeds: run the whole comparison once per
+    seed (into out/seed<S>/) and print the spread over them (also written as out/spread.md)."""
+    if seeds:
+        per_seed = {s: main(schemes, max_epochs, s, num_experts, embed_dim, depth, lr, f"{out}/seed{s}", threads)
+                    for s in seeds}
+        spread = format_spread_table(per_seed)
+        print(spread)
+        with atomic_write(Path(out) / "spread.md") as f:
+            f.write(spread + "\n")
+        return {name: per_seed[seeds[0]][name] for name in per_seed[seeds[0]]}
     unknown = sorted(set(schemes or []) - set(SCHEMES))
     if unknown:
         raise ValueError(f"unknown schemes {unknown}; valid: {list(SCHEMES)}")

@@ -104,3 +104,5 @@ def test_export_checkpoint_with_preprocessing(tmp_path, moe_layers, capsys):
     cfg = timm.data.resolve_data_config(model=loaded)
     assert cfg["mean"] == pytest.approx((0.3053,)) and cfg["std"] == pytest.approx((0.3760,))  # digits, not 0.5
     assert cfg["input_size"] == (1, 16, 16)
+    # digits are upscaled bilinearly as whole images: no crop, not timm's ViT defaults (crop_pct 0.9, bicubic)
+    assert cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"

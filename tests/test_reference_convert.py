@@ -79,7 +79,7 @@ def test_fine_tune_a_converted_checkpoint_with_vmoe_fit_and_test(tmp_path):
     main(["test", *TINY, "--config", str(tmp_path / "conv" / "model.yaml"), "--trainer.default_root_dir", str(root),
           "--ckpt_path", str(last),
           "--trainer.limit_test_batches", "1"])
-    assert 0 <= _last_metrics(root / "lightning_logs" / "version_1")["test/acc1"] <= 1
+    assert 0 <= _last_metrics(root / "lightning_logs" / "version_0" / "eval" / "test-last" / "version_0")["test/acc1"] <= 1
 
 
 def test_convert_refuses_a_missing_checkpoint_and_writes_nothing(tmp_path, capsys, monkeypatch):

@@ -66,14 +66,16 @@ def test_fit_then_test_at_another_eval_capacity(tmp_path):
     # eval cf 0.25: capacity ceil(640 * 0.25 / 8) = 20 slots per expert, so at most 160 kept: >= 75 % dropped.
     main(["test", *TINY, "--trainer.default_root_dir", root, "--ckpt_path", str(last),
           "--model.eval_capacity_factor", "0.25", "--trainer.limit_test_batches", "1"])
-    low = _last_metrics(tmp_path / "run" / "lightning_logs" / "version_1")
+    # Evaluations log next to the checkpoint (run_layout), numbered per checkpoint and command.
+    evals = tmp_path / "run" / "lightning_logs" / "version_0" / "eval" / "test-last"
+    low = _last_metrics(evals / "version_0")
     # eval cf 4.0: capacity 320 >= every assignment an expert can get: nothing dropped. Given in a config
     # file this time: the evaluation routing of the command wins over the checkpoint's there too.
     extra = tmp_path / "eval.yaml"
     extra.write_text("model:\n  eval_capacity_factor: 4.0\n")
     main(["test", *TINY, "--config", str(extra), "--trainer.default_root_dir", root, "--ckpt_path", str(last),
           "--trainer.limit_test_batches", "1"])
-    high = _last_metrics(tmp_path / "run" / "lightning_logs" / "version_2")
+    high = _last_metrics(evals / "version_1")
     assert low["test/moe/block1/dropped_fraction"] >= 0.75
     assert high["test/moe/block1/dropped_fraction"] == 0.0
     for metrics in (low, high):
@@ -121,7 +123,7 @@ def test_upcycle_through_the_cli_then_test_without_the_dense_file(tmp_path):
     weights.unlink()  # the test run must not need the upcycling source any more
     main(["test", *TINY, "--trainer.default_root_dir", root, "--ckpt_path", str(last),
           "--trainer.limit_test_batches", "1"])
-    assert (tmp_path / "ft" / "lightning_logs" / "version_1" / "metrics.csv").is_file()
+    assert (tmp_path / "ft" / "lightning_logs" / "version_0" / "eval" / "test-last" / "version_0" / "metrics.csv").is_file()
     # visualize / sweep rebuild the same classifier from the checkpoint (one shared function): an upcycled
     # checkpoint (upcycle_kwargs set, its dense source gone) must load there too.
     from vmoe.viz.cli import sweep, visualize

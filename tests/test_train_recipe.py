@@ -88,7 +88,7 @@ def test_recipe_fit_logs_lr_fewshot_and_checkpoints_ema_weights(tmp_path, capsys
     val_fit = [r["val/loss"] for r in rows if "val/loss" in r][-1]
     main(["validate", *TINY, "--config", RECIPE, "--trainer.default_root_dir", str(root), "--ckpt_path", str(last),
           "--trainer.limit_val_batches", "2"])
-    val_again = [r["val/loss"] for r in _metrics(root / "lightning_logs" / "version_1") if "val/loss" in r][-1]
+    val_again = [r["val/loss"] for r in _metrics(log_dir / "eval" / "validate-last" / "version_0") if "val/loss" in r][-1]
     assert val_again == pytest.approx(val_fit, rel=1e-5)
 
     # vmoe fewshot on the same checkpoint (config.yaml found next to checkpoints/)

@@ -12,7 +12,7 @@ from vmoe.moe import MoEMlp, SoftMoEMlp
 from vmoe.viz import (DROPPED, PARTIAL, capacity_sweep, collect_routing_stats, display_images, format_sweep_table,
                       loads_and_capacity, mcnemar_p_value, patch_layout, patch_status, plot_capacity_sweep,
                       plot_class_expert_share, plot_dropped_patches, plot_expert_load, plot_expert_map, route,
-                      routing_figures, top1_expert_map)
+                      routing_figures, top1_expert_map, wilson_interval)
 from vmoe.viz.collect import layer_capacity
 from vmoe.viz.report import dropped_patches_note
 from vmoe.viz.plots import DROP_COLOR, PARTIAL_HATCH
@@ -100,12 +100,36 @@ def test_class_share_and_sweep_plots():
                                [[75, 25, 0], [0, 0, 0], [25, 25, 50]])
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
         plot_class_expert_share(counts, ["a", "b"], block=3)
-    rows = [dict(capacity_factor=c, mode=m, accuracy=a, dropped_tokens=d)
+    rows = [dict(capacity_factor=c, mode=m, accuracy=a, dropped_tokens=d, num_images=20)
             for c, m, a, d in [(0.5, "vanilla", .5, .3), (0.5, "bpr", .7, .3), (1.0, "vanilla", .8, .1),
                                (1.0, "bpr", .85, .1)]]
     fig = plot_capacity_sweep(rows)
-    assert [tuple(line.get_ydata()) for line in fig.axes[0].lines] == [(50, 80), (70, 85)]
+    acc_ax = fig.axes[0]
+    assert [tuple(line.get_ydata()) for line in acc_ax.lines if line.get_label() in ("vanilla", "BPR")] == [
+        (50, 80), (70, 85)]
+    # one error bar per point: the 95% Wilson interval of 10/20 images right is 29.9% - 70.1%
+    segments = [seg for coll in acc_ax.collections for seg in coll.get_segments()]
+    assert len(segments) == 4
+    np.testing.assert_allclose(sorted(segments, key=lambda s: (s[0][0], s[0][1]))[0][:, 1],
+                               [29.93, 70.07], atol=0.01)
+    low, high = acc_ax.get_ylim()
+    assert acc_ax.get_title() == (f"axis {low:.1f}-{high:.1f}% (zoomed, not from 0)\nbars: 95% binomial (Wilson) "
+                                  "interval, n = 20 images")
+    assert fig.axes[1].get_ylim()[0] == 0
     fig.savefig(io.BytesIO(), format="png")
+    no_counts = plot_capacity_sweep([{k: v for k, v in r.items() if k != "num_images"} for r in rows])
+    assert not no_counts.axes[0].collections and "no intervals" in no_counts.axes[0].get_title()
+
+
+def test_wilson_interval_matches_scipy_and_hand_values():
+    from scipy.stats import binomtest
+
+    assert wilson_interval(0, 10)[0] == 0 and wilson_interval(0, 10)[1] == pytest.approx(1.96**2 / (10 + 1.96**2))
+    for k, n in [(5, 10), (9_086, 10_000), (270, 270), (1, 3)]:
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=2e-4)
+    with pytest.raises(ValueError, match="successes=11, n=10"):
+        wilson_interval(11, 10)
 
 
 def test_mcnemar_p_value_hand_computed():

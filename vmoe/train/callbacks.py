@@ -34,11 +34,16 @@ def resume_command(last: str | Path, argv: Sequence[str] | None = None) -> str:
 
 
 class LastCheckpoint(Callback):
-    """Write ``last.ckpt`` (full training state) after every training epoch and at the end of ``fit``, so it
-    always holds the latest state, whatever the best-by-metric ModelCheckpoint keeps.
+    """Write ``last.ckpt`` (the full training state) after every training epoch and at the end of ``fit``.
+
+    last.ckpt thus always holds the latest state, whatever the best-by-metric ModelCheckpoint keeps.
 
     (Lightning's ``ModelCheckpoint(save_last=True)`` with a monitor rewrites last.ckpt only when it saves a
-    new best.) dirpath: None = the directory of the trainer's ModelCheckpoint (``<log_dir>/checkpoints``).
+    new best.)
+
+    Args:
+        dirpath: Folder of last.ckpt; null = the ModelCheckpoint's folder (<log_dir>/checkpoints).
+        filename: File name, ending in .ckpt.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt") -> None:
@@ -98,8 +103,11 @@ class LastCheckpoint(Callback):
 class PredictionWriter(BasePredictionWriter):
     """After ``vmoe predict``, write one row per image: index, pred, prob (of pred), target (when known).
 
-    output: the CSV path; None = <trainer.log_dir>/predictions.csv. Written atomically (temp file + rename).
-    With several processes each writes its own file, suffixed by its global rank.
+    Written atomically (temp file + rename). With several processes each writes its own file, suffixed by its
+    global rank.
+
+    Args:
+        output: CSV path; null = predictions.csv in the log dir (next to the evaluated checkpoint).
     """
 
     def __init__(self, output: str | None = None) -> None:

@@ -7,27 +7,27 @@ every command and dispatches these four here.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..distributed import fsdp as _fsdp_expert_parallel  # noqa: F401  registers "fsdp_expert_parallel"
 from ..distributed import strategy as _expert_parallel  # noqa: F401  registers trainer.strategy "ddp_expert_parallel"
 from ..errors import DEBUG_ENV, UsageError, exit_status
 from .callbacks import LastCheckpoint, PredictionWriter
+from .cli_errors import VMoEArgumentParser, innermost_cause
+from .config_layers import dropped_callbacks
 from .from_checkpoint import STARTING_WEIGHTS, classifier_hparams, read_lightning_checkpoint
 from .data.base import ImageDataModule
 from .module import ImageClassifier
 from .quiet import quiet_lightning
 from .resume import ResumeStateCheckpoint
+from .run_layout import default_loggers, evaluation_log_root
 
 __all__ = ["main", "run", "VMoECLI", "UsageError", "DEBUG_ENV", "LIGHTNING_COMMANDS", "default_loggers",
            "explicit_model_keys"]
@@ -58,23 +58,6 @@ def explicit_model_keys(argv: Sequence[str]) -> set[str] | None:
     return keys
 
 
-def _next_version(root: Path) -> int:
-    versions = [int(p.name.split("_")[1]) for p in root.glob("version_*")
-                if p.is_dir() and p.name.split("_")[1].isdigit()]
-    return max(versions, default=-1) + 1
-
-
-def default_loggers(save_dir: str | os.PathLike) -> list[Logger]:
-    """CSV logger, plus TensorBoard when it is installed, sharing <save_dir>/lightning_logs/version_N."""
-    version = _next_version(Path(save_dir) / "lightning_logs")
-    loggers: list[Logger] = [CSVLogger(save_dir, name="lightning_logs", version=version)]
-    if importlib.util.find_spec("tensorboard") is not None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir, name="lightning_logs", version=version, default_hp_metric=False))
-    return loggers
-
-
 # Values of --ckpt_path that Lightning resolves itself (not file paths).
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 # Subcommands that evaluate weights: without --ckpt_path (or starting weights) they need --allow_random_weights.
@@ -89,7 +72,9 @@ class VMoECLI(LightningCLI):
     checkpoints carry the random states and the training loader's position (exact resume); ``vmoe predict``
     writes a CSV (``--predictions.output``, default <log_dir>/predictions.csv); num_classes / img_size /
     in_chans linked from the DataModule; CSV (+ TensorBoard) logging under ``trainer.default_root_dir`` unless
-    ``trainer.logger`` is set; no abbreviated options. ``--ckpt_path`` is checked before anything runs (a
+    ``trainer.logger`` is set, validate/test/predict next to the checkpoint they evaluate (``run_layout``); no
+    abbreviated options, one-line errors naming the closest valid options and the short help (``cli_errors``,
+    ``cli_help``). ``--ckpt_path`` is checked before anything runs (a
     missing, damaged or non-Lightning file is named with the cause); its hyper-parameters fill in the model
     arguments except those given explicitly on the command line and the evaluation routing settings
     (eval_capacity_factor, batch_priority: always the command's own), and the model is built without its
@@ -108,16 +93,33 @@ class VMoECLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"accelerator": "auto", "default_root_dir": "runs/default"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        # One-line errors naming the closest valid options, and the short help (cli_errors, cli_help).
+        kwargs.setdefault("parser_class", VMoEArgumentParser)
         kwargs.setdefault("parser_kwargs", {
             "prog": "vmoe", "description": "vmoe: train and evaluate vision Mixture-of-Experts on timm ViTs with "
                                            "Lightning.",
             "epilog": "vmoe --help lists every command (visualize, sweep, flops, ... beside these)."})
+        # The console script passes sys.argv[1:] itself: hand Lightning None then, which it reads from sys.argv
+        # anyway, instead of a copy it warns about ("not recommended to provide both args and command line").
+        same_as_argv = args is not None and list(args) == sys.argv[1:]
         super().__init__(ImageClassifier, ImageDataModule, subclass_mode_data=True,
-                         args=None if args is None else list(args), **kwargs)
+                         args=None if args is None or same_as_argv else list(args), **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("allow_abbrev", False)  # --trainer.max_epoch must not pass for --trainer.max_epochs
         return super().init_parser(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            # A class that fails to build (a data folder without a train split, a bad model argument) reaches
+            # here wrapped by jsonargparse in "Does not validate against any of the Union subtypes ...": report
+            # the cause itself.
+            cause = innermost_cause(err)
+            if cause is err:
+                raise
+            raise cause from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -133,6 +135,8 @@ class VMoECLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        for message in dropped_callbacks(self._raw_argv):  # before parsing: --print_config exits inside it
+            rank_zero_warn(message)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -205,8 +209,21 @@ class VMoECLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or os.getcwd())
+            root = trainer_cfg.get("default_root_dir") or os.getcwd()
+            if self.subcommand in EVALUATING:  # next to the evaluated checkpoint: the next fit keeps its version_N
+                model = self.config[self.subcommand]["model"]
+                weights = model.get("checkpoint_path") or ("pretrained" if model.get("pretrained") else "initial")
+                kwargs["logger"] = default_loggers(*evaluation_log_root(self.subcommand, self._held_ckpt_path, root,
+                                                                        weights=weights))
+            else:
+                kwargs["logger"] = default_loggers(root)
         return super().instantiate_trainer(**kwargs)
+
+    def _report_log_dir(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            print(f"logs: {self.trainer.log_dir}")
+
+    after_validate = after_test = after_predict = _report_log_dir
 
 
 def run(argv: Sequence[str] | None = None) -> VMoECLI:

@@ -27,15 +27,16 @@ def _block_name(qualified: str) -> str:
 
 
 class ImageClassifier(L.LightningModule):
-    """Image classification with a V-MoE or dense timm ViT (``self.model``; state-dict prefix "model.").
+    """Image classification with a V-MoE or a dense timm ViT.
 
-    Network: ``backbone`` is a timm model name; ``model_kwargs`` go to timm (embed_dim, depth, num_heads,
-    patch_size, drop_path_rate, ...). ``moe_layers`` ("every-2", "last-2", a list of block indices) makes it a
-    V-MoE with the MoE arguments of ``create_vmoe`` (k, capacity_factor, noise_std: None = the routing
-    scheme's default, for "vmoe" K=2, 1.05, 1/E); ``moe_layers=None`` makes it dense (the MoE arguments are
-    then unused, and eval_capacity_factor / batch_priority must stay at their defaults). ``checkpoint_path``:
-    weights to start from: a .ckpt of this module, or .safetensors/.pth of the network; dense weights are
-    upcycled into the V-MoE (``upcycle_kwargs``: expert_noise, router_init_std).
+    The network is ``self.model`` (state-dict prefix "model.").
+    ``moe_layers=None`` makes it dense (the MoE arguments are then unused, and eval_capacity_factor /
+    batch_priority must stay at their defaults). Loss: cross-entropy on logits [B, C] + the MoE auxiliary
+    loss; with Mixup/CutMix (timm's ``Mixup``) the targets become soft and train/acc1 counts the class with the
+    largest share of the mixed target. No weight decay on biases, norms, position embeddings and tokens. Logs
+    {train,val,test}/{loss,acc1,acc5,aux_loss} and {stage}/moe/block{i}/{load_cv,dropped_fraction}.
+    ``compile=True`` compiles the network in ``configure_model`` (parameter names and checkpoints unchanged;
+    MoE layers take the static-capacity dispatch).
 
     Routing: k, capacity_factor, eval_capacity_factor (None = the training factor), batch_priority,
     noise_std, group_size (None = the whole local batch) and bfloat16_dispatch become the
@@ -44,18 +45,45 @@ class ImageClassifier(L.LightningModule):
     re-evaluated at another capacity without retraining); a resumed ``vmoe fit --ckpt_path`` keeps the
     checkpoint's routing and refuses a flag that would change it.
 
-    Loss: cross-entropy on logits [B, C] (``label_smoothing`` in training only) + the MoE auxiliary loss.
-    Mixup / CutMix in training (timm's ``Mixup``): ``mixup_alpha``, ``cutmix_alpha`` (> 0 switches each on),
-    ``cutmix_minmax``, ``mixup_prob`` (per batch), ``mixup_switch_prob`` (CutMix instead of Mixup when both
-    are on), ``mixup_mode`` ("batch", "pair", "elem"); the targets become soft (mixed, label-smoothed) and
-    train/acc1 counts the class with the largest share of the mixed target.
-    Optimiser: AdamW/Adam (``betas``) or SGD (``momentum``, Nesterov); no weight decay on biases, norms,
-    position embeddings and tokens; per-step linear warmup then ``lr_decay`` down to ``min_lr_ratio * lr``.
-    Logs {train,val,test}/{loss,acc1,acc5,aux_loss} and {stage}/moe/block{i}/{load_cv,dropped_fraction}.
-
-    ``compile=True`` compiles the network in ``configure_model`` (``nn.Module.compile``: parameter names and
-    checkpoints are unchanged; the MoE layers take the static-capacity dispatch); ``compile_kwargs`` go to
-    ``torch.compile`` (e.g. ``{mode: max-autotune}`` or ``{backend: aot_eager}``).
+    Args:
+        backbone: timm ViT name, e.g. vit_small_patch16_224; model_kwargs resize it.
+        num_classes: Number of classes C (linked from the data module).
+        img_size: Input image side in pixels (linked from the data module).
+        in_chans: Input channels (linked from the data module).
+        model_kwargs: Arguments for timm's model, e.g. {embed_dim: 64, depth: 4, num_heads: 4, patch_size: 4}.
+        moe_layers: Blocks made MoE: "every-2", "last-2", a list of block indices, or null for a dense ViT.
+        num_experts: Experts E per MoE block, or one E per MoE block (pyramid).
+        k: Experts per token K; null = the router's default (vmoe: 2, switch: 1).
+        capacity_factor: Slots per expert relative to a uniform load in training; null = the router's default.
+        eval_capacity_factor: Capacity factor in validate/test/predict; null = the training factor.
+        batch_priority: Batch Priority Routing at evaluation: tokens with the largest gate served first.
+        noise_std: Router noise scale (vmoe: sigma = noise_std / E); null = the router's default.
+        group_size: Tokens per routing group; null = the whole local batch.
+        bfloat16_dispatch: Round the expert inputs and outputs to bfloat16 (the combine stays float32).
+        router: Routing scheme, one of deepseek, deepseek_v3, dense, ensemble, expert_choice, gshard, mixtral,
+            shazeer, soft, switch, vmoe (vmoe.moe.available_routers()).
+        moe_kwargs: Further MoE block arguments: router_kwargs, expert_granularity, num_shared_experts, residual, ...
+        pretrained: Start from timm's pretrained weights of the backbone (downloads them).
+        checkpoint_path: Starting weights: a .ckpt of this module or .safetensors/.pth of the network (dense
+            weights are upcycled into the V-MoE).
+        upcycle_kwargs: Arguments of upcycling dense weights into experts: expert_noise, router_init_std.
+        optimizer: Optimiser: adamw, adam or sgd (Nesterov).
+        lr: Peak learning rate, reached after warmup_steps.
+        weight_decay: Decoupled weight decay (none on biases, norms, position embeddings and tokens).
+        betas: Adam/AdamW betas.
+        momentum: SGD momentum.
+        warmup_steps: Optimizer steps of linear warmup from 0 to lr.
+        lr_decay: Schedule after warmup: cosine, linear or constant.
+        min_lr_ratio: Final learning rate as a fraction of lr.
+        label_smoothing: Label smoothing of the training cross-entropy (0 <= value < 1).
+        mixup_alpha: Mixup beta-distribution alpha; > 0 switches Mixup on.
+        cutmix_alpha: CutMix beta-distribution alpha; > 0 switches CutMix on.
+        cutmix_minmax: CutMix box size range as fractions of the image (overrides cutmix_alpha); null = off.
+        mixup_prob: Probability of mixing a training batch.
+        mixup_switch_prob: Probability of CutMix instead of Mixup when both are on.
+        mixup_mode: Mixing granularity: batch, pair or elem.
+        compile: Compile the network with torch.compile (nn.Module.compile) before training.
+        compile_kwargs: Arguments of torch.compile, e.g. {mode: max-autotune}; needs compile=true.
     """
 
     def __init__(

@@ -11,7 +11,8 @@ from .plots import (OKABE_ITO, display_images, expert_colors, plot_capacity_swee
 from .report import dropped_patches_note, routing_figures, save_figure
 from .status import (DROPPED, KEPT, PARTIAL, STATUS_LABELS, class_expert_counts, expert_load, patch_status,
                      row_shares, status_counts, to_patch_grid, token_status, top1_expert_map)
-from .sweep import DEFAULT_CAPACITY_FACTORS, capacity_sweep, format_sweep_table, mcnemar_p_value
+from .sweep import (DEFAULT_CAPACITY_FACTORS, capacity_sweep, format_sweep_table, mcnemar_p_value,
+                    wilson_interval)
 
 __all__ = [
     "RoutingStats", "collect_routing_stats", "loads_and_capacity", "moe_blocks", "patch_layout", "route",
@@ -20,7 +21,8 @@ __all__ = [
     "plot_dropped_patches", "plot_expert_load", "plot_expert_map", "routing_figures", "save_figure",
     "DROPPED", "KEPT", "PARTIAL", "STATUS_LABELS", "class_expert_counts", "expert_load", "patch_status",
     "row_shares", "status_counts", "to_patch_grid", "token_status", "top1_expert_map",
-    "DEFAULT_CAPACITY_FACTORS", "capacity_sweep", "format_sweep_table", "mcnemar_p_value", "RoutingPictures",
+    "DEFAULT_CAPACITY_FACTORS", "capacity_sweep", "format_sweep_table", "mcnemar_p_value", "wilson_interval",
+    "RoutingPictures",
 ]
 
 

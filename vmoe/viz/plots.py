@@ -15,6 +15,7 @@ from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
 from .status import DROPPED, PARTIAL, row_shares, status_counts
+from .sweep import wilson_interval
 
 __all__ = ["OKABE_ITO", "expert_colors", "display_images", "plot_dropped_patches", "plot_expert_map",
            "plot_expert_load", "plot_class_expert_share", "plot_capacity_sweep", "MODE_NAMES"]
@@ -269,22 +270,43 @@ def plot_capacity_sweep(rows: Sequence[Mapping[str, float | str]], *, title: str
     """Accuracy and dropped tokens against the eval capacity factor, vanilla vs BPR.
 
     rows: dicts with keys capacity_factor, mode ("vanilla"/"bpr"), accuracy, dropped_tokens (share of
-    tokens that lost every choice), as returned by :func:`vmoe.viz.sweep.capacity_sweep`.
+    tokens that lost every choice) and num_images, as returned by :func:`vmoe.viz.sweep.capacity_sweep`.
+    Each accuracy carries its 95% binomial (Wilson) interval over num_images (rows without num_images get
+    none); the accuracy axis is zoomed to the data, so the figure states its range; the dropped-token axis
+    starts at 0.
     """
     if not rows:
         raise ValueError("rows is empty: run the sweep first")
-    fig = _new_figure(9.0, 3.6)
+    fig = _new_figure(9.0, 3.8)
     acc_ax, drop_ax = fig.subplots(1, 2)
     style = {"vanilla": dict(color="#D55E00", marker="o", ls="--"), "bpr": dict(color="#0072B2", marker="s")}
-    for mode in dict.fromkeys(r["mode"] for r in rows):
+    sizes = {int(r["num_images"]) for r in rows if r.get("num_images")}
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    span = max(r["capacity_factor"] for r in rows) - min(r["capacity_factor"] for r in rows)
+    for index, mode in enumerate(modes):
         sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["capacity_factor"])
         cf = [r["capacity_factor"] for r in sel]
         st = style.get(mode, {})
         label = MODE_NAMES.get(mode, mode)
-        acc_ax.plot(cf, [100 * r["accuracy"] for r in sel], label=label, **st)
+        acc = [100 * r["accuracy"] for r in sel]
+        acc_ax.plot(cf, acc, label=label, **st)
+        if all(r.get("num_images") for r in sel):
+            bounds = [wilson_interval(round(r["accuracy"] * r["num_images"]), int(r["num_images"])) for r in sel]
+            yerr = [[a - 100 * lo for a, (lo, _) in zip(acc, bounds)],
+                    [100 * hi - a for a, (_, hi) in zip(acc, bounds)]]
+            # the two modes' bars side by side (dodged by 1% of the x range) so that they do not hide each other
+            dodge = (index - (len(modes) - 1) / 2) * 0.01 * (span or 1.0)
+            acc_ax.errorbar([c + dodge for c in cf], acc, yerr=yerr, fmt="none", ecolor=st.get("color"), capsize=3,
+                            lw=1)
         drop_ax.plot(cf, [100 * r["dropped_tokens"] for r in sel], label=label, **st)
+    drop_ax.set_ylim(bottom=0)
+    low, high = acc_ax.get_ylim()
+    n_text = f"n = {', '.join(f'{n:,}' for n in sorted(sizes))} images" if sizes else "no image counts"
+    bars = "bars: 95% binomial (Wilson) interval" if sizes else "no intervals"
     acc_ax.set_ylabel("test accuracy (%)")
+    acc_ax.set_title(f"axis {low:.1f}-{high:.1f}% (zoomed, not from 0)\n{bars}, {n_text}", fontsize=8)
     drop_ax.set_ylabel("tokens that lost every choice (%)")
+    drop_ax.set_title(f"axis from 0 to {drop_ax.get_ylim()[1]:.0f}%", fontsize=8)
     for ax in (acc_ax, drop_ax):
         ax.set_xlabel("eval capacity factor")
         ax.grid(alpha=0.3)

@@ -2,6 +2,7 @@
 with vanilla routing and with Batch Priority Routing (the V-MoE paper's capacity experiment)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from .collect import capacity_blocks, no_capacity_message, route
 
 __all__ = ["DEFAULT_CAPACITY_FACTORS", "MODES", "capacity_sweep", "check_sweepable", "format_sweep_table",
-           "mcnemar_p_value"]
+           "mcnemar_p_value", "wilson_interval"]
 
 DEFAULT_CAPACITY_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 MODES = {"vanilla": False, "bpr": True}
@@ -40,6 +41,20 @@ def mcnemar_p_value(only_a: int, only_b: int) -> float:
     from scipy.stats import binomtest
 
     return float(min(1.0, binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% for z = 1.96): (low, high) in [0, 1].
+
+    An accuracy measured on n images is successes / n; the interval says how far it may move on another draw of
+    n images. Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0 or n.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got successes={successes}, n={n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _count_drops(routings: dict) -> tuple[int, int, int, int]:

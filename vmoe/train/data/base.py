@@ -44,13 +44,25 @@ def seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[Tensor]:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Base class: subclasses set ``num_classes``, ``in_chans``, ``img_size``, ``mean``, ``std`` in __init__
+    """Base class of the data modules (``--data CLASS``; ``--data.help CLASS`` lists the options of one).
+
+    Subclasses set ``num_classes``, ``in_chans``, ``img_size``, ``mean``, ``std`` in __init__
     (so the CLI can link them into the model before anything is loaded) and build
     ``train_set`` / ``val_set`` / ``test_set`` in ``setup``. predict uses the test split. Subclasses that know
     their classes' names set ``class_names`` (index = label).
+
+    Args:
+        batch_size: Training images per batch (per device).
+        eval_batch_size: Images per batch in validate/test/predict; null = batch_size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: Pin host memory for faster GPU copies; null = when CUDA is available.
     """
 
     class_names: Sequence[str] | None = None
+    # The evaluation preprocessing, as timm names it (what `vmoe export` records): the in-memory datasets
+    # (digits, Fashion-MNIST, CIFAR) resize whole images bilinearly, without a crop; TimmDataModule sets its own.
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
     num_classes: int
     in_chans: int
     img_size: int

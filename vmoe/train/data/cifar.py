@@ -15,7 +15,22 @@ __all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
 
 class _CIFARDataModule(ImageDataModule):
     """Shared CIFAR logic: 50,000 train (minus ``val_size`` held out with ``split_seed``), 10,000 test,
-    32x32 RGB held in memory as uint8, optionally resized to ``img_size``."""
+    32x32 RGB held in memory as uint8, optionally resized to ``img_size``.
+
+    Args:
+        data_dir: Folder holding (or receiving, with download) torchvision's CIFAR files.
+        img_size: Image side; 32 keeps the original resolution.
+        val_size: Training images held out for validation.
+        split_seed: Seed of the train/validation split.
+        augment: Training augmentation: none, crop (pad and random crop), crop_flip (+ horizontal flip) or affine.
+        auto_augment: RandAugment as "rand-m<M>-n<N>" (timm's magnitude 0-10) before augment; null = off.
+        re_prob: Probability of random erasing per training image.
+        download: Download the files into data_dir when missing.
+        batch_size: Training images per batch (per device).
+        eval_batch_size: Images per batch in validate/test/predict; null = batch_size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: Pin host memory for faster GPU copies; null = when CUDA is available.
+    """
 
     dataset_name: str
     classes: int

@@ -15,6 +15,19 @@ class DigitsDataModule(ImageDataModule):
 
     A fixed train/val/test split drawn with ``split_seed`` (defaults: 1,257 / 270 / 270 images).
     augment: see :func:`tensor_train_transform` ("affine" by default: flips would change digits).
+
+    Args:
+        img_size: Image side after the bilinear upscale from 8x8 (>= 8).
+        val_fraction: Fraction of the 1,797 images held out for validation.
+        test_fraction: Fraction of the images held out for testing.
+        split_seed: Seed of the fixed train/val/test split.
+        augment: Training augmentation: none, crop (pad and random crop), crop_flip (+ horizontal flip) or affine.
+        auto_augment: RandAugment as "rand-m<M>-n<N>" (timm's magnitude 0-10) before augment; null = off.
+        re_prob: Probability of random erasing per training image.
+        batch_size: Training images per batch (per device).
+        eval_batch_size: Images per batch in validate/test/predict; null = batch_size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: Pin host memory for faster GPU copies; null = when CUDA is available.
     """
 
     def __init__(self, img_size: int = 16, val_fraction: float = 0.15, test_fraction: float = 0.15,

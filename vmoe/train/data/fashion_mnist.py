@@ -78,6 +78,20 @@ class FashionMNISTDataModule(ImageDataModule):
 
     Files are looked up in ``data_dir`` and then in /usr/share/datasets/fashion-mnist
     (``apt-get install dataset-fashion-mnist``); with ``download=True`` torchvision fetches them into data_dir.
+
+    Args:
+        data_dir: Folder with the IDX files (torchvision's FashionMNIST/raw layout or flat), then Debian's copy.
+        img_size: Image side; 28 keeps the original resolution.
+        val_size: Training images held out for validation.
+        split_seed: Seed of the train/validation split.
+        augment: Training augmentation: none, crop (pad and random crop), crop_flip (+ horizontal flip) or affine.
+        auto_augment: RandAugment as "rand-m<M>-n<N>" (timm's magnitude 0-10) before augment; null = off.
+        re_prob: Probability of random erasing per training image.
+        download: Download the files into data_dir when they are found nowhere.
+        batch_size: Training images per batch (per device).
+        eval_batch_size: Images per batch in validate/test/predict; null = batch_size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: Pin host memory for faster GPU copies; null = when CUDA is available.
     """
 
     class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

@@ -33,6 +33,26 @@ class ImageFolderDataModule(TimmDataModule):
     erasing (``re_prob``); eval: resize the short side to img_size / crop_pct then centre crop.
     Normalisation: ``mean``/``std`` if given, else those of ``model``'s pretrained_cfg (a timm name such as
     vit_small_patch16_224: 0.5/0.5, what timm's augreg ViT weights expect), else ImageNet's.
+
+    Args:
+        train_dir: Training images, one sub-directory per class.
+        val_dir: Validation images, the same class sub-directories.
+        test_dir: Test images; null = val_dir.
+        img_size: Side of the square crops fed to the model.
+        mean: Per-channel normalisation mean; null = from model's pretrained_cfg, else ImageNet's.
+        std: Per-channel normalisation std; null = from model's pretrained_cfg, else ImageNet's.
+        train_crop_scale: Area range of the training random-resized crop.
+        hflip: Probability of a horizontal flip in training.
+        randaugment: Add timm's RandAugment "rand-m9-mstd0.5-inc1" in training.
+        crop_pct: Evaluation: resize the short side to img_size / crop_pct, then centre crop.
+        model: timm model name whose pretrained_cfg gives mean and std, e.g. vit_small_patch16_224.
+        interpolation: Resize interpolation: bilinear, bicubic, nearest, ...
+        auto_augment: A timm auto-augment string (e.g. "rand-m9-mstd0.5-inc1"), instead of randaugment.
+        re_prob: Probability of random erasing per training image.
+        batch_size: Training images per batch (per device).
+        eval_batch_size: Images per batch in validate/test/predict; null = batch_size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: Pin host memory for faster GPU copies; null = when CUDA is available.
     """
 
     def __init__(self, train_dir: str, val_dir: str, test_dir: str | None = None, img_size: int = 224,

@@ -117,6 +117,42 @@ class TimmDataModule(ImageDataModule):
     Streaming readers (wds/, hfids/, tfds/): ``train_num_samples`` / ``eval_num_samples`` = the samples of one
     epoch of a split (timm's ``num_samples``; default the split's size from the shards' _info.json or the
     dataset's metadata); per-epoch coverage and resume: vmoe.train.data.streaming.
+
+    Args:
+        root: Folder (or .tar) holding the splits, or the download/cache folder of a reader.
+        name: timm reader: "" for a folder or tar, "wds/<name>", "hfds/<hub id>", "hfids/<hub id>", "tfds/<name>".
+        train_split: Training split: a name under root or a path of its own.
+        val_split: Validation split ("validation" also finds val/, valid/, eval/).
+        test_split: Test split; null = val_split.
+        num_classes: Number of classes; needed by streaming and Hugging Face readers.
+        class_map: Class name -> index, as a dict or timm's .txt file; null = the train split's folders.
+        model: timm model (optionally name.tag) whose pretrained_cfg gives mean, std, interpolation, crop.
+        img_size: Side of the square crops fed to the model; null = the model's input size.
+        in_chans: Image channels (1 = grey).
+        mean: Per-channel normalisation mean; null = the model's, else ImageNet's.
+        std: Per-channel normalisation std; null = the model's, else ImageNet's.
+        interpolation: Resize interpolation: bilinear, bicubic, ...; null = the model's, else bilinear.
+        crop_pct: Evaluation crop fraction (resize to img_size / crop_pct, centre crop); null = the model's.
+        crop_mode: timm crop mode: center, squash or border; null = the model's.
+        scale: Area range of the training random-resized crop.
+        ratio: Aspect-ratio range of the training random-resized crop.
+        hflip: Probability of a horizontal flip in training.
+        vflip: Probability of a vertical flip in training.
+        color_jitter: Colour jitter strength in training; null = off.
+        auto_augment: timm auto-augment string: "rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "trivialaugment".
+        re_prob: Probability of random erasing per training image.
+        re_mode: Random erasing fill: const, rand or pixel.
+        re_count: Random erasing boxes per image.
+        max_train_samples: Seeded random subset of the training split; null = all.
+        max_eval_samples: Seeded random subset of the evaluation splits; null = all.
+        train_num_samples: Streaming readers: samples in one training epoch; null = the split's size.
+        eval_num_samples: Streaming readers: samples in one pass over an evaluation split; null = its size.
+        subset_seed: Seed of those subsets.
+        download: Let the reader download the dataset (Hugging Face, tfds).
+        batch_size: Training images per batch (per device).
+        eval_batch_size: Images per batch in validate/test/predict; null = batch_size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: Pin host memory for faster GPU copies; null = when CUDA is available.
     """
 
     def __init__(self, root: str, name: str = "", train_split: str = "train", val_split: str = "validation",
