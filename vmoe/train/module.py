@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import aux_loss, block_index
 from ..models.build import build_network
+from ..models.ensemble import ensemble_log_probs
 from ..moe import MoEConfig, iter_moe_mlps
 from ..moe.routers import after_optimizer_step
 from .mixup import build_mixup, mix_batch, soft_target_cross_entropy, warn_if_normalisation_differs
@@ -45,6 +46,8 @@ class ImageClassifier(L.LightningModule):
     checkpoint's routing and refuses a flag that would change it.
 
     Loss: cross-entropy on logits [B, C] (``label_smoothing`` in training only) + the MoE auxiliary loss.
+    E³ models: in training every member's cross-entropy (mean over members); in val/test the loss and the
+    accuracies are those of the ensemble, log(mean over members of softmax), as the reference evaluates.
     Mixup / CutMix in training (timm's ``Mixup``): ``mixup_alpha``, ``cutmix_alpha`` (> 0 switches each on),
     ``cutmix_minmax``, ``mixup_prob`` (per batch), ``mixup_switch_prob`` (CutMix instead of Mixup when both
     are on), ``mixup_mode`` ("batch", "pair", "elem"); the targets become soft (mixed, label-smoothed) and
@@ -156,15 +159,17 @@ class ImageClassifier(L.LightningModule):
             # soft targets [B, num_classes] (label smoothing included); accuracy counts the largest share
             x, soft = mix_batch(self.mixup, x, y)
         members = getattr(self.model, "forward_members", None)
-        if members is not None:  # E³: every member learns the label; metrics score the ensemble
+        if members is not None:  # E³: every member learns the label; metrics and eval loss score the ensemble
             member_logits = members(x).float()  # [B, M, N]
-            logits = member_logits.log_softmax(-1).mean(1)
+            logits = ensemble_log_probs(member_logits)  # log(mean softmax), [B, N], as the reference evaluates
             m = member_logits.shape[1]
             if soft is not None:
                 task = soft_target_cross_entropy(member_logits.flatten(0, 1), soft.repeat_interleave(m, dim=0))
-            else:
+            elif stage == "train":
                 task = F.cross_entropy(member_logits.flatten(0, 1), y.repeat_interleave(m, dim=0),
                                        label_smoothing=smoothing)
+            else:  # the reference's ensemble_softmax_xent_eval: cross-entropy of the ensemble's probabilities
+                task = F.nll_loss(logits, y)
         elif soft is not None:
             logits = self(x).float()
             task = soft_target_cross_entropy(logits, soft)
