@@ -4,7 +4,9 @@
 
 For each checkpoint and routing setting (capacity factor x Batch Priority Routing x bfloat16 dispatch)
 prints the max |logit difference| and whether every routing decision (expert and buffer slot of every
-choice, in every MoE block) is identical.
+choice, in every MoE block) is identical. For the E³ checkpoint it also prints the max difference of the
+ensemble output ``model(x)`` from the reference's ensemble, log(mean over members of softmax) of the reference
+member logits (``_ensemble_log_mean`` of the reference's ``vmoe/evaluate/ensemble.py``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "vmoe_reference"
 
 def main() -> None:
     torch.set_num_threads(1)
-    print(f"{'checkpoint':<10} {'cf':>4} {'BPR':>4} {'bf16':>5} {'max |dlogit|':>13}  routing identical")
+    print(f"{'checkpoint':<10} {'cf':>4} {'BPR':>4} {'bf16':>5} {'max |dlogit|':>13}  routing identical  "
+          f"E³ max |d ensemble|")
     for name in ("tiny16", "rep32", "eee16"):
         cfg = json.loads((DATA / name / "config.json").read_text())
         x = torch.from_numpy(np.load(DATA / name / "inputs.npz")["images_nchw"])
@@ -45,7 +48,14 @@ def main() -> None:
                                            ref[f"route/{blk}/choice_slot"])
                         for blk, r in routes.items())
                     diff = float(np.abs(logits.numpy() - ref["logits"]).max())
-                    print(f"{name:<10} {cf:>4} {int(bpr):>4} {int(bf16):>5} {diff:>13.2e}  {same}")
+                    line = f"{name:<10} {cf:>4} {int(bpr):>4} {int(bf16):>5} {diff:>13.2e}  {str(same):<17}"
+                    if members > 1:
+                        with torch.no_grad():
+                            ours = model(x)
+                        log_p = torch.from_numpy(ref["logits"]).double().unflatten(0, (-1, members)).log_softmax(-1)
+                        want = log_p.logsumexp(1) - np.log(members)  # log(mean softmax), [B, N]
+                        line += f"  {float((ours.double() - want).abs().max()):.2e}"
+                    print(line)
 
 
 if __name__ == "__main__":

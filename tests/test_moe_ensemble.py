@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import timm
 import torch
 
 from vmoe.models import create_vmoe
@@ -68,14 +69,16 @@ def _tiny_e3(**kwargs):
                        moe_kwargs={"ensemble_size": 2}, **kwargs)
 
 
-def test_e3_model_repeats_before_the_first_moe_block_and_averages_log_softmax():
+def test_e3_model_repeats_before_the_first_moe_block_and_returns_log_mean_softmax():
     model = _tiny_e3().eval()
     assert isinstance(model, EnsembleVisionTransformer) and model.ensemble_start == 1
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         members = model.forward_members(x)
         assert members.shape == (3, 2, 5) and not torch.allclose(members[:, 0], members[:, 1])
-        assert torch.allclose(model(x), members.log_softmax(-1).mean(1))
+        want = members.softmax(-1).mean(1).log()  # the reference's ensemble: log of the mean probability
+        assert torch.allclose(model(x), want, atol=1e-6)
+        assert not torch.allclose(model(x), members.log_softmax(-1).mean(1), atol=1e-3)
         # with member 1's experts and router made equal to member 0's, both members compute the same
         for i in (1, 3):
             mlp = model.blocks[i].mlp
@@ -101,18 +104,56 @@ def test_e3_trains_through_the_cli(tmp_path):
     assert ckpt["state_dict"]["model.blocks.1.mlp.router.weight"].shape == (4, 32)
 
 
-def test_e3_loss_is_the_members_cross_entropy():
+def test_e3_loss_is_the_members_cross_entropy_in_training_and_the_ensembles_in_eval():
     from vmoe.train import ImageClassifier
 
     module = ImageClassifier("vit_tiny_patch16_224", num_classes=5, img_size=8, in_chans=3, moe_layers=[1],
                              num_experts=4, k=1, router="ensemble", moe_kwargs={"ensemble_size": 2},
                              model_kwargs=dict(patch_size=4, embed_dim=16, depth=2, num_heads=2)).eval()
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
-    module.log = lambda *a, **k: None
-    loss = module._shared_step((x, y), "val")
+    logged = {}
+    module.log = lambda name, value, **k: logged.setdefault(name, value)
     members = module.model.forward_members(x)
+    train = module._shared_step((x, y), "train")
     want = torch.nn.functional.cross_entropy(members.flatten(0, 1), y.repeat_interleave(2)) + module.aux_loss()
-    assert torch.allclose(loss, want, atol=1e-6)
+    assert torch.allclose(train, want, atol=1e-6)
+    val = module._shared_step((x, y), "val")
+    ensemble = members.softmax(-1).mean(1)  # [B, N] probabilities
+    want = -ensemble[torch.arange(4), y].log().mean() + module.aux_loss()
+    assert torch.allclose(val, want, atol=1e-6)
+    assert not torch.allclose(val, train, atol=1e-4)  # the two losses really differ on these weights
+    assert logged["val/acc1"].compute() == (ensemble.argmax(-1) == y).float().mean()
+
+
+def test_e3_timm_api_has_the_image_batch_axis():
+    model = _tiny_e3().eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        feats = model.forward_features(x)  # member rows [B*M, T, D]
+        assert feats.shape == (6, 5, 16)
+        members = model.forward_members(x)
+        assert torch.allclose(model.forward_head(feats), model(x))
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (3, 16)
+        final, inter = model.forward_intermediates(x)
+        assert torch.equal(final, feats) and [t.shape for t in inter] == [(3, 16, 2, 2)] * 4
+        # block 0 is before the repeat (one row per image); block 3 is the members' mean
+        rows = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        rows = model.blocks[0](rows)
+        assert torch.allclose(inter[0], rows[:, 1:].reshape(3, 2, 2, 16).permute(0, 3, 1, 2), atol=1e-6)
+        rows = rows.repeat_interleave(2, 0)
+        for block in model.blocks[1:]:
+            rows = block(rows)
+        mean = rows.unflatten(0, (3, 2)).mean(1)[:, 1:]
+        assert torch.allclose(inter[3], mean.reshape(3, 2, 2, 16).permute(0, 3, 1, 2), atol=1e-6)
+        model.reset_classifier(0)
+        assert torch.allclose(model(x), pre, atol=1e-6)
+    assert members.shape == (3, 2, 5)
+    net = timm.create_model("e3_paper_s32_e8_m2_last2", features_only=True, out_indices=(1, 3), img_size=64,
+                            embed_dim=16, depth=4, num_heads=2).eval()  # timm's FeatureGetterNet
+    with torch.no_grad():
+        out = net(torch.randn(3, 3, 64, 64))
+    assert [t.shape for t in out] == [(3, 16, 2, 2)] * 2
 
 
 def test_e3_eval_model_exports_and_equals_eager():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -81,6 +82,23 @@ def load_command(name: str) -> Callable[[list[str]], Any]:
     return func
 
 
+class _StderrHandler(logging.Handler):
+    """Writes each record to the sys.stderr of the moment (a StreamHandler keeps the stream it started with)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def show_vmoe_logs() -> None:
+    """Let vmoe's INFO/WARNING lines (resampled embeddings, a reset head, an adapted patch embedding, upcycling)
+    reach the command's output, as Lightning does for its own logger."""
+    logger = logging.getLogger("vmoe")
+    if not logger.handlers:
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def run(argv: Sequence[str] | None = None) -> Any:
     """Run ``vmoe ARGV``: the command's result (for fit/validate/test/predict the finished VMoECLI, with
     ``.trainer``, ``.model``, ``.datamodule``), 0 after ``--help``; raises UsageError for an unknown command."""
@@ -93,10 +111,12 @@ def run(argv: Sequence[str] | None = None) -> Any:
         sys.stderr.write(usage())
         raise UsageError("no command given")
     if first.split("=", 1)[0] in _LIGHTNING_OPTIONS:
+        show_vmoe_logs()
         return load_command("fit")(args)  # LightningCLI reads its command after its own options
     if first not in COMMANDS:
         raise _unknown(first, list(COMMANDS), "option" if first.startswith("-") else "command")
     command = COMMANDS[first]
+    show_vmoe_logs()
     return load_command(first)(args if command.lightning else args[1:])
 
 

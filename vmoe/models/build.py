@@ -18,8 +18,8 @@ from torch import nn
 from ..moe import MoEConfig, build_moe_mlp
 from .checkpoint import load_weights, read_state_dict
 from .ensemble import to_ensemble
-from .naming import record_moe_args
-from .starting_weights import starting_state_dict
+from .naming import record_input_size, record_moe_args
+from .starting_weights import holds_experts, starting_state_dict
 from .upcycle_weights import upcycle_state_dict
 
 __all__ = ["parse_moe_layers", "mlp_config", "convert_to_moe", "create_vmoe", "build_network", "upcycle"]
@@ -150,6 +150,10 @@ def _load_starting_weights(model: nn.Module, checkpoint_path: str | os.PathLike,
     """V-MoE weights (with expert tensors) load strictly, resampling the position embedding and resetting a
     head of another size (fine-tuning); dense ViT weights are upcycled."""
     state = read_state_dict(checkpoint_path)
+    own = model.state_dict()
+    # a head of another class count is left at its fresh initialisation (fine-tuning): say so on the model
+    model.reset_head = holds_experts(state) and any(
+        key in state and key in own and state[key].shape != own[key].shape for key in ("head.weight", "head.bias"))
     load_weights(model, starting_state_dict(state, model, upcycle_kwargs, source=repr(os.fspath(checkpoint_path))))
 
 
@@ -172,7 +176,8 @@ def create_vmoe(
     position embeddings and resetting the head as usual) and the model is upcycled from them.
     checkpoint_path: a weights file (.safetensors/.pth/.pt/.bin/.ckpt). V-MoE weights (with expert
     tensors) load strictly, except that the position embedding is resampled to another image size and a
-    head of another class count is reset (fine-tuning); dense ViT weights are upcycled. ``upcycle_kwargs`` (expert_noise,
+    head of another class count is reset (fine-tuning; ``model.reset_head`` is then True); dense ViT weights are
+    upcycled. ``upcycle_kwargs`` (expert_noise,
     router_init_std) tune upcycling. Input x: [B, C, H, W] -> logits [B, num_classes].
     """
     if pretrained and checkpoint_path is not None:
@@ -188,7 +193,7 @@ def create_vmoe(
         _load_starting_weights(model, checkpoint_path, upcycle_kwargs)
     elif upcycle_kwargs:
         raise ValueError("upcycle_kwargs needs pretrained=True or a dense checkpoint_path to upcycle from")
-    return model
+    return record_input_size(model)
 
 
 # Arguments of build_network (and of the Lightning module) that model_kwargs, timm's, must not repeat.

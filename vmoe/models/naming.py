@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["GENERIC_NAME", "record_moe_args", "is_vmoe_architecture"]
+__all__ = ["GENERIC_NAME", "record_moe_args", "is_vmoe_architecture", "record_input_size"]
 
 GENERIC_NAME = "vmoe"
 
@@ -31,3 +31,18 @@ def record_moe_args(model: nn.Module, moe: dict[str, Any]) -> None:
     model.pretrained_cfg = model.default_cfg = cfg
     moe = {key: (list(value) if isinstance(value, tuple) else value) for key, value in moe.items()}
     model._model_args = {**getattr(model, "_model_args", {}), "backbone": arch, **moe}
+
+
+def record_input_size(model: nn.Module) -> nn.Module:
+    """Make ``model.pretrained_cfg["input_size"]`` the size the model was built for (timm keeps the registered
+    224 px when ``img_size`` is passed), so ``timm.data.resolve_data_config(model=model)`` gives the real size.
+    Models without a patch embedding or a pretrained_cfg are returned unchanged."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if not isinstance(cfg, dict) or size is None or embed.proj is None:
+        return model
+    want = (embed.proj.in_channels, *size)
+    if tuple(cfg.get("input_size") or ()) != want:
+        model.pretrained_cfg = model.default_cfg = dict(cfg, input_size=want)
+    return model

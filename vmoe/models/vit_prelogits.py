@@ -21,7 +21,8 @@ class PreLogitsViT(VisionTransformer):
     """timm VisionTransformer + ``representation_size`` R (None: none, the plain timm model).
 
     With R: ``pre_logits.fc`` [R, D] and tanh after pooling (and fc_norm), then ``head`` [N, R].
-    ``forward_head(x, pre_logits=True)`` returns the [B, R] representation.
+    ``forward_head(x, pre_logits=True)`` returns the [B, R] representation (``head_hidden_size`` R;
+    ``num_features`` stays D, the width of ``forward_features``, as timm defines it).
     """
 
     def __init__(self, *args: Any, representation_size: int | None = None, **kwargs: Any) -> None:
@@ -32,7 +33,7 @@ class PreLogitsViT(VisionTransformer):
         if representation_size:
             self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(self.embed_dim, representation_size),
                                                         act=nn.Tanh()))
-            self.num_features = self.head_hidden_size = representation_size
+            self.head_hidden_size = representation_size  # num_features stays D, forward_features' width (timm)
             self.head = nn.Linear(representation_size, self.num_classes) if self.num_classes > 0 else nn.Identity()
         else:
             self.pre_logits = nn.Identity()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from .checks import check_positive_int
@@ -30,7 +31,24 @@ class MoEMlpBase(nn.Module):
     Settings change on a trained model by assigning new ones, ``block.settings =
     block.settings.replace(...)`` (``vmoe.models.set_routing`` does it for every block of a model); the
     block checks them before anything changes.
+
+    torch.fx: every MoE block (subclasses included) is a timm "notrace" module, a leaf that symbolic tracing
+    (timm's feature extraction, torchvision's ``create_feature_extractor``) calls as a whole, because routing
+    branches on tensor values. TorchScript: ``torch.jit.script`` refuses with a RuntimeError saying why.
     """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        register_notrace_module(cls)  # timm's own check compares classes exactly, so each subclass registers
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling it
+        raise RuntimeError(
+            f"{type(self).__name__} (an MoE block) cannot be compiled by torch.jit.script: its routing picks and "
+            "sorts tokens by value (capacity, Batch Priority Routing, data-dependent dispatch), written with Python "
+            "types TorchScript does not support, and TorchScript is in maintenance mode upstream. Use "
+            "torch.compile(model) or torch.export.export(model.eval(), (x,)) instead (both supported), or "
+            "torch.fx.symbolic_trace with the MoE blocks as leaves (timm's notrace modules).")
 
     supports_expert_parallel: ClassVar[bool] = False
     experts: StackedExperts
@@ -98,3 +116,6 @@ class MoEMlpBase(nn.Module):
             raise ValueError(f"group_size={size} does not divide the B*T={num_tokens} tokens of this forward; "
                              f"choose a divisor of {num_tokens} or None (all tokens of the forward)")
         return size
+
+
+register_notrace_module(MoEMlpBase)

@@ -163,6 +163,7 @@ class VMoECLI(LightningCLI):
             config["checkpoint"]["save_last"] = False
         if self._held_ckpt_path is None:
             model = config["model"]
+            _resolve_checkpoint_path(model, config.get("config") or [])
             if (subcommand in EVALUATING and not config.get("allow_random_weights")
                     and not model.get("checkpoint_path") and not model.get("pretrained")):
                 raise UsageError("no weights to evaluate: pass --ckpt_path "
@@ -201,6 +202,18 @@ class VMoECLI(LightningCLI):
                 self.config[subcommand]["model"][key] = off
         self._checkpoint = {}  # the weights are read again by Lightning; do not hold two copies
 
+    def _refuse_reset_head(self) -> None:
+        network = getattr(self.model, "model", None)
+        if (self._held_ckpt_path is None and getattr(network, "reset_head", False)
+                and not self.config[self.subcommand].get("allow_random_weights")):
+            path = self.config[self.subcommand]["model"].get("checkpoint_path")
+            raise UsageError(f"model.checkpoint_path {path} has a classifier for another number of classes than the "
+                             f"data's {network.num_classes}: its head was reset to random weights, so this would "
+                             "evaluate an untrained classifier. Fine-tune first (vmoe fit, then --ckpt_path "
+                             "<its last.ckpt>), or pass --allow_random_weights true to evaluate it anyway")
+
+    before_validate = before_test = before_predict = _refuse_reset_head
+
     def after_fit(self) -> None:
         from .checkpoints_report import report_checkpoints  # where `vmoe fit` wrote its checkpoints
 
@@ -224,6 +237,21 @@ class VMoECLI(LightningCLI):
             print(f"logs: {self.trainer.log_dir}")
 
     after_validate = after_test = after_predict = _report_log_dir
+
+
+def _resolve_checkpoint_path(model: dict[str, Any], config_files: Sequence[Any]) -> None:
+    """A relative model.checkpoint_path that is not there from the working directory is looked up next to the
+    --config files (the last one holding it wins, as later configs override earlier ones): what `vmoe convert`
+    writes into model.yaml, so a converted folder can be moved."""
+    path = model.get("checkpoint_path")
+    if not path or Path(path).is_absolute() or Path(path).exists():
+        return
+    found = [Path(os.fspath(c)).parent / path for c in config_files if (Path(os.fspath(c)).parent / path).exists()]
+    if not found:
+        folders = [str(Path(os.fspath(c)).parent) for c in config_files]
+        raise UsageError(f"model.checkpoint_path {path!r} does not exist, neither from the working directory "
+                         f"{os.getcwd()} nor from the folders of the --config files {folders}")
+    model["checkpoint_path"] = str(found[-1])
 
 
 def run(argv: Sequence[str] | None = None) -> VMoECLI:

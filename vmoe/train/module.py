@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import aux_loss, block_index
 from ..models.build import build_network
+from ..models.ensemble import ensemble_log_probs
 from ..moe import MoEConfig, iter_moe_mlps
 from ..moe.routers import after_optimizer_step
 from .mixup import build_mixup, mix_batch, soft_target_cross_entropy, warn_if_normalisation_differs
@@ -45,6 +46,11 @@ class ImageClassifier(L.LightningModule):
     re-evaluated at another capacity without retraining); a resumed ``vmoe fit --ckpt_path`` keeps the
     checkpoint's routing and refuses a flag that would change it.
 
+    Loss: cross-entropy on logits [B, C] (``label_smoothing`` in training only) + the MoE auxiliary loss.
+    E³ models: in training every member's cross-entropy (mean over members); in val/test the loss and the
+    accuracies are those of the ensemble, log(mean over members of softmax), as the reference evaluates.
+    Logs {train,val,test}/{loss,acc1,acc5,aux_loss} and {stage}/moe/block{i}/{load_cv,dropped_fraction}.
+
     Args:
         backbone: timm ViT name, e.g. vit_small_patch16_224; model_kwargs resize it.
         num_classes: Number of classes C (linked from the data module).
@@ -56,7 +62,7 @@ class ImageClassifier(L.LightningModule):
         k: Experts per token K; null = the router's default (vmoe: 2, switch: 1).
         capacity_factor: Slots per expert relative to a uniform load in training; null = the router's default.
         eval_capacity_factor: Capacity factor in validate/test/predict; null = the training factor.
-        batch_priority: Batch Priority Routing at evaluation: tokens with the largest gate served first.
+        batch_priority: Batch Priority Routing: the tokens with the largest gate are served first.
         noise_std: Router noise scale (vmoe: sigma = noise_std / E); null = the router's default.
         group_size: Tokens per routing group; null = the whole local batch.
         bfloat16_dispatch: Round the expert inputs and outputs to bfloat16 (the combine stays float32).
@@ -184,15 +190,17 @@ class ImageClassifier(L.LightningModule):
             # soft targets [B, num_classes] (label smoothing included); accuracy counts the largest share
             x, soft = mix_batch(self.mixup, x, y)
         members = getattr(self.model, "forward_members", None)
-        if members is not None:  # E³: every member learns the label; metrics score the ensemble
+        if members is not None:  # E³: every member learns the label; metrics and eval loss score the ensemble
             member_logits = members(x).float()  # [B, M, N]
-            logits = member_logits.log_softmax(-1).mean(1)
+            logits = ensemble_log_probs(member_logits)  # log(mean softmax), [B, N], as the reference evaluates
             m = member_logits.shape[1]
             if soft is not None:
                 task = soft_target_cross_entropy(member_logits.flatten(0, 1), soft.repeat_interleave(m, dim=0))
-            else:
+            elif stage == "train":
                 task = F.cross_entropy(member_logits.flatten(0, 1), y.repeat_interleave(m, dim=0),
                                        label_smoothing=smoothing)
+            else:  # the reference's ensemble_softmax_xent_eval: cross-entropy of the ensemble's probabilities
+                task = F.nll_loss(logits, y)
         elif soft is not None:
             logits = self(x).float()
             task = soft_target_cross_entropy(logits, soft)

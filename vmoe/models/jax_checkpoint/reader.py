@@ -14,6 +14,7 @@ and the array.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +23,8 @@ import numpy as np
 from .reader_checks import (ArrayInfo, ReferenceCheckpointError, check_array_info, check_declared_bytes,
                             check_slice, data_file_names, numpy_dtype, to_native)
 
-__all__ = ["read_reference_checkpoint", "read_reference_index", "ArrayInfo", "ReferenceCheckpointError"]
+__all__ = ["read_reference_checkpoint", "read_reference_index", "resolve_checkpoint_prefix", "ArrayInfo",
+           "ReferenceCheckpointError"]
 
 _CHUNK_MARKER = "__msgpack_array_chunk_a87ca2__"
 _EXT_NDARRAY, _EXT_SLICE_ND, _EXT_INDEX_INFO = 1, 6, 8
@@ -101,14 +103,42 @@ def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, tuple]]:
         yield from _leaves(tree[key], f"{prefix}/{key}" if prefix else str(key))
 
 
+_DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
+_PREFIX_HELP = ("a checkpoint prefix is the path without its suffixes: ckpts/NAME for ckpts/NAME.index + "
+                "ckpts/NAME.data-00000-of-00001 (the .index file or the folder holding exactly one checkpoint "
+                "work too)")
+
+
+def resolve_checkpoint_prefix(path: str | os.PathLike) -> Path:
+    """The prefix of a reference checkpoint given as its prefix, its ``.index`` or ``.data-*`` file, or a
+    folder holding exactly one ``*.index``. Raises FileNotFoundError (nothing there) or ValueError (a
+    folder with several checkpoints), saying what a prefix is."""
+    given = Path(path)
+    if Path(f"{os.fspath(given)}.index").is_file():
+        return given
+    if given.is_file() and given.suffix == ".index":
+        return given.with_suffix("")
+    if given.is_file() and _DATA_SUFFIX.search(given.name):
+        return given.with_name(_DATA_SUFFIX.sub("", given.name))
+    if given.is_dir():
+        found = sorted(given.glob("*.index"))
+        if len(found) == 1:
+            return found[0].with_suffix("")
+        if found:
+            raise ValueError(f"{given} holds {len(found)} checkpoints ({[f.stem for f in found]}): pass one "
+                             f"prefix, e.g. {found[0].with_suffix('')}")
+        raise FileNotFoundError(f"{given} is a folder without any <prefix>.index file; {_PREFIX_HELP}")
+    raise FileNotFoundError(f"no checkpoint at {given}: {given}.index does not exist; {_PREFIX_HELP}")
+
+
 def read_reference_index(prefix: str | os.PathLike) -> tuple[list[ArrayInfo], int]:
     """The arrays described by ``<prefix>.index`` in leaf-number order, and the number of data files.
 
     Each array's shape, dtype, chunk slices and data-file numbers are checked (ReferenceCheckpointError
     naming the index and the array); whether the data files exist and hold that many bytes is checked by
-    :func:`read_reference_checkpoint`.
+    :func:`read_reference_checkpoint`. ``prefix``: anything :func:`resolve_checkpoint_prefix` takes.
     """
-    path = Path(f"{os.fspath(prefix)}.index")
+    path = Path(f"{os.fspath(resolve_checkpoint_prefix(prefix))}.index")
     index = _unpack(_read_bytes(path, "checkpoint index"), path, _index_hook(path))
     if not isinstance(index, dict) or "index" not in index or "shard_count" not in index:
         keys = sorted(index, key=str) if isinstance(index, dict) else type(index).__name__
@@ -154,7 +184,9 @@ def read_reference_checkpoint(prefix: str | os.PathLike) -> dict[str, np.ndarray
     file and ReferenceCheckpointError (a ValueError) naming the file and the array for truncated, foreign or
     inconsistent data, a dtype it does not read, or sizes the data files cannot hold (checked before any
     array is allocated).
+    ``prefix`` may also be the ``.index`` file or the folder holding the checkpoint.
     """
+    prefix = resolve_checkpoint_prefix(prefix)
     infos, count = read_reference_index(prefix)
     names = data_file_names(prefix, count)
     check_declared_bytes(prefix, infos, [Path(name).stat().st_size for name in names])
