@@ -16,7 +16,7 @@ import onnx  # noqa: E402
 
 from vmoe.models import capture_routing, create_vmoe, load_reference, routing_settings  # noqa: E402
 from vmoe.models.onnx_export import OnnxExportError, export_onnx  # noqa: E402
-from vmoe.moe import MoEMlp  # noqa: E402
+from vmoe.moe import MoEMlp, iter_moe_layers  # noqa: E402
 from vmoe.moe.routers import ROUTERS  # noqa: E402
 from vmoe.moe.routers.vmoe import NoisyTopKRouter  # noqa: E402
 
@@ -157,3 +157,37 @@ def test_bad_opset_and_batch_size(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", opset=17)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         export_onnx(model, tmp_path / "m.onnx", batch_size=0)
+
+
+def test_vmoe_export_format_onnx_cli(tmp_path, capsys):
+    import lightning
+    import yaml
+
+    from vmoe.train.cli import main
+    from vmoe.train.module import ImageClassifier
+
+    hparams = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, moe_layers="every-2",
+                   num_experts=4, model_kwargs=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2))
+    module = ImageClassifier(**hparams)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, ckpt)
+    data = {"class_path": "vmoe.train.data.DigitsDataModule", "init_args": {"img_size": 16}}
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": hparams, "data": data}))
+    with pytest.raises(SystemExit):  # routing flags belong to --format onnx
+        main(["export", str(ckpt), "--out", str(tmp_path / "hub"), "--model.batch_priority", "true"])
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "o"), "--format", "onnx", "--model.eval_capacity_factor",
+                 "0.5", "--model.batch_priority", "true", "--model.group_size", "17"]) == 0
+    out = capsys.readouterr().out
+    assert "batch dynamic, eval_capacity_factor 0.5, batch_priority True, group_size 17" in out
+    diff = float(out.split("max |difference| ")[1].split()[0])
+    assert diff <= TOL
+    meta = {p.key: json.loads(p.value) for p in onnx.load(tmp_path / "o" / "model.onnx").metadata_props}
+    assert meta["preprocessing"]["input_size"] == [1, 16, 16] and meta["preprocessing"]["mean"] == [pytest.approx(0.3053)]
+    x = torch.randn(3, 1, 16, 16)
+    network = module.model.eval()
+    for _, block in iter_moe_layers(network):
+        block.group_size = 17
+    with torch.no_grad(), routing_settings(network, eval_capacity_factor=0.5, batch_priority=True):
+        assert np.abs(_run(tmp_path / "o" / "model.onnx", x) - network(x).numpy()).max() <= TOL
