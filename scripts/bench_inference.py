@@ -33,6 +33,7 @@ from vmoe.models import create_vmoe
 from vmoe.models.flops import model_cost
 
 RUNTIMES = ("eager", "compile", "ort")
+COMPILED: dict[str, torch.nn.Module] = {}
 
 
 def build_models(img_size: int) -> dict[str, torch.nn.Module]:
@@ -67,10 +68,9 @@ def runners(models: dict[str, torch.nn.Module], runtimes: list[str], folder: Pat
             if runtime == "eager":
                 out[(name, runtime)] = model
             elif runtime == "compile":
-                compiled = getattr(model, "_bench_compiled", None)
-                if compiled is None:
-                    compiled = model._bench_compiled = torch.compile(model, dynamic=True)
-                out[(name, runtime)] = compiled
+                if name not in COMPILED:  # one compilation per model, reused for every thread count
+                    COMPILED[name] = torch.compile(model, dynamic=True)
+                out[(name, runtime)] = COMPILED[name]
             else:
                 out[(name, runtime)] = ort_session(model, folder, name, threads)
     return out
