@@ -157,6 +157,12 @@ def test_bad_opset_and_batch_size(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", opset=17)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         export_onnx(model, tmp_path / "m.onnx", batch_size=0)
+    with pytest.raises(ValueError, match="group_size must be"):
+        export_onnx(model, tmp_path / "m.onnx", group_size=0)
+    e3 = _tiny(k=1, router="ensemble", moe_kwargs={"ensemble_size": 2}, group_size=130)
+    with pytest.raises(ValueError, match="group_size=65 must be a multiple of blocks.1.mlp's ensemble_size=2"):
+        export_onnx(e3, tmp_path / "m.onnx", group_size=65)
+    assert e3.blocks[1].mlp.group_size == 130 and not (tmp_path / "m.onnx").exists()
 
 
 def test_vmoe_export_format_onnx_cli(tmp_path, capsys):

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..io import atomic_path
 from ..moe import iter_moe_layers
+from ..moe.checks import check_positive_int
 from .moe_layers import routing_settings
 
 __all__ = ["export_onnx", "input_shape", "tokens_per_image", "batch_can_be_dynamic", "MIN_OPSET", "OnnxExportError"]
@@ -89,6 +90,13 @@ def _export_settings(model: nn.Module, eval_capacity_factor: float | None, batch
             raise OnnxExportError(f"{name} shards its experts over ranks (expert parallelism); gather the model "
                                   "into one process (load its checkpoint without the expert-parallel strategy) "
                                   "before exporting")
+    if group_size is not _UNSET:
+        check_positive_int("group_size", group_size, optional=True, what=" (the whole batch)")
+        for name, block in iter_moe_layers(model):
+            members = int(getattr(block, "ensemble_size", 1))
+            if group_size is not None and group_size % members:
+                raise ValueError(f"group_size={group_size} must be a multiple of {name}'s ensemble_size={members} "
+                                 "(its routing rows are tokens x members)")
     was_training = model.training
     saved = [(block.group_size, getattr(block, "dispatch", None)) for block in layers]
     try:
