@@ -118,7 +118,9 @@ def main() -> None:
           f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
     print(f"forward GFLOPs per image: ViT-S/16 {costs['ViT-S/16'].gflops:.2f}, V-MoE-S/16 {costs['V-MoE-S/16'].gflops:.2f}"
           f" (FLOPs ratio {flops_ratio:.3f})")
-    rows = []
+    print("images/s (best of the repeats); ratio = V-MoE time per image / ViT time per image, and that ratio / FLOPs ratio")
+    print(f"{'threads':>7} {'batch':>5} {'runtime':>8} | {'ViT-S/16':>9} {'V-MoE-S/16':>10} | {'ratio':>6} {'/FLOPs':>6}",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:
             torch.set_num_threads(threads or os.cpu_count())
@@ -127,12 +129,10 @@ def main() -> None:
                 rate = time_cases(cases, batch, args.img_size, args.iters)
                 for runtime in runtimes:
                     dense, moe = rate[("ViT-S/16", runtime)], rate[("V-MoE-S/16", runtime)]
-                    rows.append((threads or os.cpu_count(), batch, runtime, dense, moe, dense / moe))
+                    ratio = dense / moe
+                    print(f"{threads or os.cpu_count():>7} {batch:>5} {runtime:>8} | {dense:>9.1f} {moe:>10.1f} | "
+                          f"{ratio:>6.2f} {ratio / flops_ratio:>6.2f}", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
-    print("images/s (best of the repeats); ratio = V-MoE time per image / ViT time per image, and that ratio / FLOPs ratio")
-    print(f"{'threads':>7} {'batch':>5} {'runtime':>8} | {'ViT-S/16':>9} {'V-MoE-S/16':>10} | {'ratio':>6} {'/FLOPs':>6}")
-    for threads, batch, runtime, dense, moe, ratio in rows:
-        print(f"{threads:>7} {batch:>5} {runtime:>8} | {dense:>9.1f} {moe:>10.1f} | {ratio:>6.2f} {ratio / flops_ratio:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def _check(model, path, x, cf, bpr, **kwargs):
         want = model(x)
     dropped = max(float((r.slot_index < 0).float().mean()) for r in routes.values())
     diff = float(np.abs(_run(path, x) - want.numpy()).max())
+    print(f"ORT vs eager: max |difference| {diff:.2e}, dropped assignments {dropped:.2f} (eval capacity {cf}, bpr {bpr})")
     assert diff <= TOL, (cf, bpr, diff)
     return diff, dropped
 
