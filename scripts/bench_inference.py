@@ -10,8 +10,9 @@ one image (group_size = T = 197 tokens), so every runtime has one graph for all 
 axis, see vmoe.models.onnx_export). Weights are random (timing only). torch.compile runs with dynamic=True
 (one compilation per model) in the static-capacity dispatch; eager runs the CPU default (sorted dispatch).
 
-Times are wall-clock: the machine's load average is printed at the start and the end (a shared machine slows
-every case; the best of ``--iters`` repeats is kept, cases interleaved per repeat so neighbours hit all alike).
+Times with one thread are the process's CPU time, with all threads wall-clock time; the machine's load average
+is printed at the start and the end (on a shared machine neighbours slow every case, wall time most; the best of
+``--iters`` repeats is kept, cases interleaved per repeat so neighbours hit all alike).
 ONNX Runtime needs the ``onnx`` extra (pip install -e ".[onnx]"); without it that column is left out.
 
     python scripts/bench_inference.py [--quick] [--batch 1 8 32] [--threads 1 0] [--iters 3]
@@ -76,7 +77,7 @@ def runners(models: dict[str, torch.nn.Module], runtimes: list[str], folder: Pat
     return out
 
 
-def time_cases(cases: dict, batch: int, img_size: int, iters: int) -> dict:
+def time_cases(cases: dict, batch: int, img_size: int, iters: int, clock) -> dict:
     x = torch.randn(batch, 3, img_size, img_size)
     with torch.no_grad():
         for run in cases.values():
@@ -84,9 +85,9 @@ def time_cases(cases: dict, batch: int, img_size: int, iters: int) -> dict:
         best = {key: float("inf") for key in cases}
         for _ in range(iters):
             for key, run in cases.items():
-                start = time.perf_counter()
+                start = clock()
                 run(x)
-                best[key] = min(best[key], time.perf_counter() - start)
+                best[key] = min(best[key], clock() - start)
     return {key: batch / seconds for key, seconds in best.items()}
 
 
@@ -101,6 +102,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.batch, args.iters = [b for b in args.batch if b <= 8] or [1], 1
+    if args.iters < 1:
+        parser.error(f"--iters must be >= 1, got {args.iters}")
     runtimes = list(args.runtimes)
     if "ort" in runtimes:
         try:
@@ -126,7 +129,10 @@ def main() -> None:
             torch.set_num_threads(threads or os.cpu_count())
             cases = runners(models, runtimes, Path(tmp), threads)
             for batch in args.batch:
-                rate = time_cases(cases, batch, args.img_size, args.iters)
+                # One thread: the process's CPU time, which a busy neighbour does not inflate the way it does
+                # wall time; all threads: wall time (CPU time would add the threads up).
+                clock = time.process_time if threads == 1 else time.perf_counter
+                rate = time_cases(cases, batch, args.img_size, args.iters, clock)
                 for runtime in runtimes:
                     dense, moe = rate[("ViT-S/16", runtime)], rate[("V-MoE-S/16", runtime)]
                     ratio = dense / moe
