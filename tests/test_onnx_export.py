@@ -16,7 +16,7 @@ import onnx  # noqa: E402
 
 from vmoe.models import capture_routing, create_vmoe, load_reference, routing_settings  # noqa: E402
 from vmoe.models.onnx_export import OnnxExportError, export_onnx  # noqa: E402
-from vmoe.moe import MoEMlp, iter_moe_layers  # noqa: E402
+from vmoe.moe import MoEMlp  # noqa: E402
 from vmoe.moe.routers import ROUTERS  # noqa: E402
 from vmoe.moe.routers.vmoe import NoisyTopKRouter  # noqa: E402
 
@@ -56,7 +56,8 @@ def test_vmoe_runs_in_onnx_runtime_like_eager(tmp_path, cf):
     meta = {p.key: json.loads(p.value) for p in onnx.load(tmp_path / "m.onnx").metadata_props}
     assert meta["eval_capacity_factor"] == cf and meta["batch_priority"] is True and meta["dynamic_batch"] is True
     block = model.blocks[1].mlp  # the model itself is left as it was
-    assert block.eval_capacity_factor == 1.05 and not block.batch_priority and block.dispatch.name == "auto"
+    assert block.settings.factor(training=False) == 1.05 and not block.settings.batch_priority
+    assert block.dispatch.name == "auto" and block.settings.group_size == 65
     other = torch.randn(5, 3, 32, 32)  # another batch size through the same file
     with torch.no_grad(), routing_settings(model, eval_capacity_factor=cf, batch_priority=True):
         assert np.abs(_run(tmp_path / "m.onnx", other) - model(other).numpy()).max() <= TOL
@@ -136,8 +137,8 @@ def test_every_builtin_router_exports(tmp_path):
 class StableSortRouter(NoisyTopKRouter):
     """A user router that orders tokens with a stable sort, which ONNX cannot express."""
 
-    def forward(self, x):
-        out = super().forward(x)
+    def forward(self, x, settings, capacity):
+        out = super().forward(x, settings, capacity)
         order = torch.sort(out.routing.combine_weights[..., 0], dim=-1, stable=True).indices
         routing = type(out.routing)(*(torch.gather(t, 1, order.unsqueeze(-1).expand_as(t)) for t in out.routing))
         out.routing = routing
@@ -163,14 +164,14 @@ def test_bad_opset_and_batch_size(tmp_path):
     e3 = _tiny(k=1, router="ensemble", moe_kwargs={"ensemble_size": 2}, group_size=130)
     with pytest.raises(ValueError, match="group_size=65 must be a multiple of blocks.1.mlp's ensemble_size=2"):
         export_onnx(e3, tmp_path / "m.onnx", group_size=65)
-    assert e3.blocks[1].mlp.group_size == 130 and not (tmp_path / "m.onnx").exists()
+    assert e3.blocks[1].mlp.settings.group_size == 130 and not (tmp_path / "m.onnx").exists()
 
 
 def test_vmoe_export_format_onnx_cli(tmp_path, capsys):
     import lightning
     import yaml
 
-    from vmoe.train.cli import main
+    from vmoe.cli import main
     from vmoe.train.module import ImageClassifier
 
     hparams = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, moe_layers="every-2",
@@ -194,7 +195,5 @@ def test_vmoe_export_format_onnx_cli(tmp_path, capsys):
     assert meta["preprocessing"]["input_size"] == [1, 16, 16] and meta["preprocessing"]["mean"] == [pytest.approx(0.3053)]
     x = torch.randn(3, 1, 16, 16)
     network = module.model.eval()
-    for _, block in iter_moe_layers(network):
-        block.group_size = 17
-    with torch.no_grad(), routing_settings(network, eval_capacity_factor=0.5, batch_priority=True):
+    with torch.no_grad(), routing_settings(network, eval_capacity_factor=0.5, batch_priority=True, group_size=17):
         assert np.abs(_run(tmp_path / "o" / "model.onnx", x) - network(x).numpy()).max() <= TOL

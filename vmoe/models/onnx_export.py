@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from ..io import atomic_path
-from ..moe import iter_moe_layers
+from ..moe import iter_moe_mlps
 from ..moe.checks import check_positive_int
-from .moe_layers import routing_settings
 
 __all__ = ["export_onnx", "input_shape", "tokens_per_image", "batch_can_be_dynamic", "MIN_OPSET", "OnnxExportError"]
 
@@ -67,9 +66,9 @@ def tokens_per_image(model: nn.Module) -> int:
 
 def batch_can_be_dynamic(model: nn.Module, tokens: int) -> tuple[bool, str]:
     """(True, "") when no MoE block's shapes depend on the batch size, else (False, why)."""
-    for name, block in iter_moe_layers(model):
+    for name, block in iter_moe_mlps(model):
         per_image = tokens * int(getattr(block, "ensemble_size", 1))
-        size = block.group_size
+        size = block.settings.group_size
         if size is None:
             if block.capacity(per_image, training=False) is not None:  # (no capacity: Soft MoE groups per image)
                 return False, (f"{name} routes the whole batch as one group (group_size=None), so its capacity "
@@ -83,36 +82,40 @@ def batch_can_be_dynamic(model: nn.Module, tokens: int) -> tuple[bool, str]:
 @contextlib.contextmanager
 def _export_settings(model: nn.Module, eval_capacity_factor: float | None, batch_priority: bool | None,
                      group_size: Any) -> Iterator[None]:
-    """Eval mode, static dispatch and the chosen routing settings inside the ``with``; all restored after."""
-    layers = [block for _, block in iter_moe_layers(model)]
-    for name, block in iter_moe_layers(model):
+    """Eval mode, static dispatch and the chosen routing settings inside the ``with``; all restored after.
+
+    group_size is set directly (not through set_routing), since None is a value here: the whole batch."""
+    layers = [(name, block) for name, block in iter_moe_mlps(model)]
+    for name, block in layers:
         if getattr(block, "expert_parallel", None) is not None:
             raise OnnxExportError(f"{name} shards its experts over ranks (expert parallelism); gather the model "
                                   "into one process (load its checkpoint without the expert-parallel strategy) "
                                   "before exporting")
+    changes: dict[str, Any] = {name: value for name, value in (("eval_capacity_factor", eval_capacity_factor),
+                                                               ("batch_priority", batch_priority)) if value is not None}
     if group_size is not _UNSET:
         check_positive_int("group_size", group_size, optional=True, what=" (the whole batch)")
-        for name, block in iter_moe_layers(model):
+        for name, block in layers:
             members = int(getattr(block, "ensemble_size", 1))
             if group_size is not None and group_size % members:
                 raise ValueError(f"group_size={group_size} must be a multiple of {name}'s ensemble_size={members} "
                                  "(its routing rows are tokens x members)")
+        changes["group_size"] = group_size
+    new = [block.settings.replace(**changes) for _, block in layers]
+    for (_, block), settings in zip(layers, new):  # every block checked before any changes
+        block.check_settings(settings)
     was_training = model.training
-    saved = [(block.group_size, getattr(block, "dispatch", None)) for block in layers]
+    saved = [(block.settings, getattr(block, "dispatch", None)) for _, block in layers]
     try:
         model.eval()
-        for block in layers:
-            if group_size is not _UNSET:
-                block.group_size = group_size
+        for (_, block), settings in zip(layers, new):
+            block.settings = settings
             if hasattr(block, "dispatch"):
                 block.dispatch = "static"
-        settings = (routing_settings(model, eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority)
-                    if layers else contextlib.nullcontext())
-        with settings:
-            yield
+        yield
     finally:
-        for block, (size, dispatch) in zip(layers, saved):
-            block.group_size = size
+        for (_, block), (settings, dispatch) in zip(layers, saved):
+            block.settings = settings
             if dispatch is not None:
                 block.dispatch = dispatch
         model.train(was_training)
@@ -122,14 +125,14 @@ def _failing_block(model: nn.Module, x: torch.Tensor, opset: int) -> str | None:
     """Name, router and cause of the first MoE block that does not export on its own, or None."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = [block.register_forward_pre_hook(lambda mod, args, name=name: inputs.setdefault(name, args[0]))
-             for name, block in iter_moe_layers(model)]
+             for name, block in iter_moe_mlps(model)]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for hook in hooks:
             hook.remove()
-    blocks = dict(iter_moe_layers(model))
+    blocks = dict(iter_moe_mlps(model))
     for name, block_input in inputs.items():
         try:
             torch.onnx.export(blocks[name], (block_input,), dynamo=True, opset_version=opset, verbose=False)
@@ -203,9 +206,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, eval_capacity_fact
 
 def _routing_metadata(model: nn.Module) -> dict[str, Any]:
     """The routing settings of the first MoE block (set_routing keeps them equal across blocks)."""
-    for _, block in iter_moe_layers(model):
-        return {"eval_capacity_factor": block.eval_capacity_factor, "batch_priority": block.batch_priority,
-                "group_size": block.group_size}
+    for _, block in iter_moe_mlps(model):
+        settings = block.settings
+        return {"eval_capacity_factor": settings.factor(training=False), "batch_priority": settings.batch_priority,
+                "group_size": settings.group_size}
     return {}
 
 

@@ -77,7 +77,7 @@ def export_checkpoint_onnx(ckpt_path: str, out: str, config: str | None = None, 
 
     from vmoe.models import routing_settings
     from vmoe.models.onnx_export import export_onnx, input_shape
-    from vmoe.moe import iter_moe_layers
+    from vmoe.moe import iter_moe_mlps
     from .from_checkpoint import load_classifier, resolve_data_config
 
     network = load_classifier(ckpt_path, "cpu").model
@@ -104,18 +104,11 @@ def export_checkpoint_onnx(ckpt_path: str, out: str, config: str | None = None, 
         return path
     x = torch.randn(props["batch_size"] or 2, *input_shape(network))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    layers = [block for _, block in iter_moe_layers(network)]
-    settings = (routing_settings(network, eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority)
-                if layers else contextlib.nullcontext())
-    saved = [block.group_size for block in layers]
-    try:
-        for block in layers:
-            block.group_size = props.get("group_size", block.group_size)
-        with torch.no_grad(), settings:
-            want = network(x).numpy()
-    finally:
-        for block, value in zip(layers, saved):
-            block.group_size = value
+    has_moe = any(True for _ in iter_moe_mlps(network))
+    settings = (routing_settings(network, eval_capacity_factor=eval_capacity_factor, batch_priority=batch_priority,
+                                 group_size=props.get("group_size")) if has_moe else contextlib.nullcontext())
+    with torch.no_grad(), settings:
+        want = network(x).numpy()
     diff = abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - want).max()
     print(f"ONNX Runtime vs eager PyTorch on random images: max |difference| {diff:.2e}")
     return path
