@@ -204,6 +204,23 @@ def test_block_function_equals_autograd_loop(bias):
         experts._forward_blocks(x, [3, 0, 4, 2])
 
 
+def test_block_function_frees_hidden_blocks_in_backward_and_a_second_backward_recomputes_them():
+    """Backward frees each block's activations when done (peak memory); retain_graph=True still works."""
+    torch.manual_seed(0)
+    experts = StackedExperts(4, 8, 12, reuse_grad_memory=False)
+    counts, x = [3, 0, 5, 2], torch.randn(10, 8, requires_grad=True)
+    y = experts._forward_blocks(x, counts)
+    hidden = y.grad_fn.hidden
+    assert len(hidden) == 6 and all(h is not None for h in hidden)  # (h_pre, act) of 3 non-empty blocks
+    weight = torch.randn(y.shape)
+    (y * weight).sum().backward(retain_graph=True)
+    assert all(h is None for h in hidden)
+    first = [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+    (y * weight).sum().backward()  # accumulates: the recomputed activations give the same gradients again
+    for g, g1 in zip([x.grad] + [p.grad for p in experts.parameters()], first):
+        torch.testing.assert_close(g, 2 * g1)
+
+
 def test_dropout_training_uses_autograd_loop():
     experts = StackedExperts(2, 8, 12, drop=0.5).train()
     y = experts(torch.ones(6, 8), [4, 2])

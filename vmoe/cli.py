@@ -44,7 +44,8 @@ COMMANDS: dict[str, Command] = {
                      "vmoe.train.flops_cli:main"),
     "convert": Command("Convert a JAX V-MoE / E³ checkpoint (PREFIX.index + PREFIX.data-*) to model.safetensors.",
                        "vmoe.models.jax_checkpoint.cli:convert_main"),
-    "export": Command("Export a checkpoint of vmoe fit as a timm folder (config.json + model.safetensors).",
+    "export": Command("Export a checkpoint of vmoe fit as a timm folder (config.json + model.safetensors) "
+                      "or, with --format onnx, an ONNX model.",
                       "vmoe.train.export:main"),
     "fewshot": Command("Few-shot linear evaluation of a checkpoint's frozen features.", "vmoe.eval.cli:fewshot_main"),
 }

@@ -5,7 +5,10 @@ slice of the stacked gradient) avoids what plain autograd does around a per-expe
 outputs, concatenating the input gradients, and stacking E weight-gradient slices once more in backward.
 Hidden activations are kept per block ([n_e, H] each, not one [A, H]): blocks that size are reused by the
 allocator from step to step, where [A, H] would be fresh memory to page-fault in every step. Backward goes
-block by block (small temporaries) and calls GELU's derivative kernel directly, other activations through
+block by block (small temporaries) and frees each block's activations once it is done, so the weight
+gradients fill (E*H*D written expert by expert) as the activations empty: the peak memory is about the larger
+of the two, not their sum. A second backward (retain_graph=True) recomputes the freed blocks from x.
+Backward calls GELU's derivative kernel directly, other activations through
 autograd. The stacked weight gradients come from :class:`~.grad_buffers.GradientBuffers` when given.
 """
 from __future__ import annotations
@@ -50,15 +53,18 @@ class _ExpertMLPBlocks(torch.autograd.Function):
             a = act(h_pre)
             _linear(a, w2[e], None if b2 is None else b2[e], out=y[r0:r1])
             hidden += [h_pre, a]
-        ctx.save_for_backward(x, w1, w2, *hidden)
+        # The hidden blocks live on ctx, not in save_for_backward, so backward can free each block as soon as
+        # it is done: the peak then holds the weight gradients *or* the activations of a block, not both.
+        ctx.save_for_backward(x, w1, b1, w2)
+        ctx.hidden = hidden
         ctx.blocks, ctx.act, ctx.has_bias = blocks, act, (b1 is not None, b2 is not None)
         ctx.grad_buffers = grad_buffers
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, w1, w2, *hidden = ctx.saved_tensors
-        blocks, act = ctx.blocks, ctx.act
+        x, w1, b1, w2 = ctx.saved_tensors
+        blocks, act, hidden = ctx.blocks, ctx.act, ctx.hidden
         need_x, _, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         new = ctx.grad_buffers.empty_like if ctx.grad_buffers is not None else lambda _, t: torch.empty_like(t)
         grad_y = grad_y.contiguous()
@@ -75,6 +81,10 @@ class _ExpertMLPBlocks(torch.autograd.Function):
         # Block by block, so the temporaries of backward stay [n_e, H] instead of [A, H].
         for i, (e, r0, r1) in enumerate(blocks):
             gy, h_pre, a = grad_y[r0:r1], hidden[2 * i], hidden[2 * i + 1]
+            if h_pre is None:  # a second backward through this graph (retain_graph=True): recompute
+                h_pre = _linear(x[r0:r1], w1[e], None if b1 is None else b1[e])
+                a = act(h_pre)
+            hidden[2 * i] = hidden[2 * i + 1] = None  # freed when this block is done (see forward)
             if gw2 is not None:
                 torch.mm(gy.t(), a, out=gw2[e])
             if gb2 is not None:
