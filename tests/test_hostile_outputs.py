@@ -82,7 +82,7 @@ def test_convert_killed_between_files_leaves_the_previous_conversion_whole(tmp_p
     assert main(["convert", str(tmp_path / "b"), "--out", str(out)]) == 0
     assert _leftovers(out) == []  # the next run removed the killed run's folder
     config = json.loads((out / "config.json").read_text())
-    assert config["architecture"]["num_classes"] == 5 and config["create_vmoe"]["num_experts"] == 8
+    assert config["reference_architecture"]["num_classes"] == 5 and config["create_vmoe"]["num_experts"] == 8
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "model.yaml"]
 
 

@@ -61,6 +61,50 @@ def _carry_over(old: Path, new: Path) -> None:
             _link_or_copy(entry.path, str(new / entry.name))
 
 
+def new_temp_folder(path: str | os.PathLike) -> Path:
+    """A fresh hidden sibling folder of ``path`` to write a new version of it into (a killed run's leftovers of
+    ``path`` are removed first); :func:`replace_folder` puts it in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path)
+    tmp = temp_name(path)
+    tmp.mkdir()
+    return tmp
+
+
+def replace_folder(tmp: Path, path: Path, *, keep_others: bool = True) -> None:
+    """Put the finished folder ``tmp`` at ``path`` in one step (``renameat2`` exchange, else two renames).
+
+    ``keep_others``: entries of an existing ``path`` that ``tmp`` does not have are carried over (a README
+    beside converted weights); False replaces the folder as a whole (a checkpoint; a file at ``path`` is
+    replaced too). ``tmp`` is gone after.
+    """
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        if path.is_dir() and not path.is_symlink():
+            if keep_others:
+                _carry_over(path, tmp)
+            if not _exchange(tmp, path):
+                old = temp_name(path)
+                os.rename(path, old)
+                os.rename(tmp, path)
+                tmp = old
+        elif path.exists() or path.is_symlink():
+            if keep_others:
+                raise NotADirectoryError(f"{path} exists and is not a folder; choose another output folder")
+            old = temp_name(path)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            tmp = old
+        else:
+            os.rename(tmp, path)
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """``with atomic_folder(out) as tmp: <write files into tmp>``: on success ``tmp`` becomes ``out`` (other
@@ -73,24 +117,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     if path == cwd or path in cwd.parents:
         raise ValueError(f"{path} is the current folder or one above it; the output replaces the whole folder, so "
                          "give it a folder of its own (e.g. --out converted/NAME)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(path)
-    tmp = temp_name(path)
-    tmp.mkdir()
+    tmp = new_temp_folder(path)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if path.is_dir():
-            _carry_over(path, tmp)
-            if not _exchange(tmp, path):
-                old = temp_name(path)
-                os.rename(path, old)
-                os.rename(tmp, path)
-                tmp = old
-        else:
-            os.rename(tmp, path)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, path)
 
 
 def _umask() -> int:

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ..io_folder import new_temp_folder, replace_folder
 from .groups import ExpertParallelGroups
 from .shard import expert_parameter_names
 
@@ -119,24 +120,13 @@ def save_sharded_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLi
                          "plain state dict holding one rank's experts); use state_dict_type='full'")
     path = Path(path)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    tmp = None
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(_broadcast_object(tmp))
+    tmp = Path(_broadcast_object(str(new_temp_folder(path)) if rank == 0 else None))
     try:
         tensors = {k: checkpoint[k] for k in TENSOR_KEYS if k in checkpoint}
         dcp.save(tensors, checkpoint_id=tmp)  # collective: plans are gathered and deduplicated on rank 0
         if rank == 0:
             torch.save({k: v for k, v in checkpoint.items() if k not in TENSOR_KEYS}, tmp / META_FILE)
-            os.chmod(tmp, 0o777 & ~_umask())
-            old = path.with_name(f".{path.name}.old") if path.exists() else None
-            if old is not None:
-                _remove(old)
-                path.rename(old)
-            tmp.rename(path)
-            if old is not None:
-                _remove(old)
+            replace_folder(tmp, path, keep_others=False)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,19 +135,6 @@ def save_sharded_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLi
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # nobody reads the checkpoint before rank 0 has renamed it
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def load_sharded_checkpoint(path: str | os.PathLike, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
