@@ -32,7 +32,7 @@ def test_help_is_a_table_of_every_command(capsys):
     for name, command in COMMANDS.items():
         assert any(line.split()[:1] == [name] and command.help in line for line in out.splitlines()), name
     assert set(COMMANDS) == {"fit", "validate", "test", "predict", "visualize", "sweep", "flops", "convert",
-                             "export", "fewshot"}
+                             "export", "consolidate", "fewshot"}
 
 
 def test_top_level_help_imports_no_heavy_package():

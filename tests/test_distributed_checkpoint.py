@@ -264,3 +264,28 @@ if __name__ == "__main__":
     else:
         ckpt, steps, strategy_name, ep_size, name = sys.argv[3:8]
         fit(out, name, int(steps), strategy_name, int(ep_size), Path(ckpt), num_nodes=2)
+
+
+def test_a_sharded_directory_without_a_sharded_strategy_is_refused_with_the_consolidate_command(tmp_path, capsys):
+    """Lightning would end in IsADirectoryError; the CLI says to merge the directory first (vmoe consolidate)."""
+    from vmoe.cli import COMMANDS, main
+    from vmoe.distributed.dcp import META_FILE
+    from vmoe.train.cli import _check_sharded_checkpoint_fits
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.mkdir()
+    (ckpt / ".metadata").write_bytes(b"")
+    torch.save({"hyper_parameters": {}}, ckpt / META_FILE)
+    with pytest.raises(ValueError, match=r"sharded \(DCP\) checkpoint directory.*vmoe consolidate .*last.ckpt "
+                                         r".*last.ckpt.full.ckpt"):
+        _check_sharded_checkpoint_fits(str(ckpt), "ddp")
+    sharded = {"class_path": "vmoe.distributed.ExpertParallelDDPStrategy", "init_args": {"state_dict_type": "sharded"}}
+    _check_sharded_checkpoint_fits(str(ckpt), sharded)  # the strategy that reads it: no error
+    from jsonargparse import Namespace
+    _check_sharded_checkpoint_fits(str(ckpt), Namespace(class_path=sharded["class_path"],
+                                                        init_args=Namespace(state_dict_type="sharded")))
+    _check_sharded_checkpoint_fits(str(tmp_path / "nope.ckpt"), "ddp")  # not a directory: Lightning's own checks
+    assert COMMANDS["consolidate"].target == "vmoe.distributed.dcp:main"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["consolidate", "--help"])
+    assert exit_info.value.code == 0 and "usage: vmoe consolidate" in capsys.readouterr().out

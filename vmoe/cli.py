@@ -47,6 +47,8 @@ COMMANDS: dict[str, Command] = {
     "export": Command("Export a checkpoint of vmoe fit as a timm folder (config.json + model.safetensors) "
                       "or, with --format onnx, an ONNX model.",
                       "vmoe.train.export:main"),
+    "consolidate": Command("Merge a sharded (DCP) checkpoint directory into one .ckpt for vmoe test/export.",
+                           "vmoe.distributed.dcp:main"),
     "fewshot": Command("Few-shot linear evaluation of a checkpoint's frozen features.", "vmoe.eval.cli:fewshot_main"),
 }
 # LightningCLI's own options before the command (`vmoe --config full.yaml fit`, `vmoe --print_config fit ...`).

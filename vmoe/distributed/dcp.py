@@ -210,13 +210,13 @@ def dcp_to_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vmoe.distributed.dcp SRC_DIR DST.ckpt``: :func:`dcp_to_checkpoint`."""
-    import argparse
+    """``vmoe consolidate SRC_DIR DST.ckpt`` (also ``python -m vmoe.distributed.dcp``): :func:`dcp_to_checkpoint`."""
+    from jsonargparse import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="python -m vmoe.distributed.dcp", description=dcp_to_checkpoint.__doc__)
-    parser.add_argument("src", help="sharded checkpoint directory (state_dict_type='sharded')")
-    parser.add_argument("dst", help="the .ckpt file to write")
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="vmoe consolidate", description=dcp_to_checkpoint.__doc__)
+    parser.add_argument("src", type=str, help="sharded checkpoint directory (state_dict_type='sharded')")
+    parser.add_argument("dst", type=str, help="the .ckpt file to write")
+    args = parser.parse_args(list(argv) if argv is not None else None)
     with contextlib.suppress(BrokenPipeError):
         print(dcp_to_checkpoint(args.src, args.dst))
     return 0

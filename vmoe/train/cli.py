@@ -173,6 +173,7 @@ class VMoECLI(LightningCLI):
                                  "--allow_random_weights true")
             return
         config["ckpt_path"] = self._held_ckpt_path
+        _check_sharded_checkpoint_fits(self._held_ckpt_path, config.get("trainer", {}).get("strategy"))
         hparams = self._checkpoint.get("hyper_parameters", {})
         explicit = explicit_model_keys(self._raw_argv)
         if explicit is None:
@@ -253,6 +254,24 @@ def _resolve_checkpoint_path(model: dict[str, Any], config_files: Sequence[Any])
         raise UsageError(f"model.checkpoint_path {path!r} does not exist, neither from the working directory "
                          f"{os.getcwd()} nor from the folders of the --config files {folders}")
     model["checkpoint_path"] = str(found[-1])
+
+
+def _check_sharded_checkpoint_fits(ckpt_path: str, strategy: Any) -> None:
+    """A sharded (DCP) checkpoint directory loads only through a strategy that writes them; anything else would
+    end in Lightning's IsADirectoryError, so say what to do instead."""
+    from ..distributed.dcp import is_sharded_checkpoint
+
+    if not is_sharded_checkpoint(ckpt_path):
+        return
+    def field(obj: Any, key: str) -> Any:  # a dict from a YAML file or a jsonargparse Namespace from flags
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    if field(field(strategy, "init_args"), "state_dict_type") == "sharded":
+        return
+    raise UsageError(f"--ckpt_path {ckpt_path} is a sharded (DCP) checkpoint directory, which loads only with an "
+                     "expert-parallel strategy with state_dict_type: sharded (--trainer.strategy "
+                     f"{strategy!r} here); or merge it into one file first: vmoe consolidate {ckpt_path} "
+                     f"{ckpt_path.rstrip('/')}.full.ckpt")
 
 
 def run(argv: Sequence[str] | None = None) -> VMoECLI:
