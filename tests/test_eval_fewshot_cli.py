@@ -6,10 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from vmoe.eval import REFERENCE_L2_GRID, linear_probe_accuracies, mean_rank_choice, shot_draw
@@ -18,7 +16,8 @@ from vmoe.eval.protocol import shot_seeds
 from vmoe.cli import main
 from vmoe.train.data import DigitsDataModule
 from vmoe.train.from_checkpoint import load_classifier
-from vmoe.train.module import ImageClassifier
+
+from test_viz_cli import write_run as _write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=8, in_chans=1, num_experts=4,
@@ -27,15 +26,8 @@ DIGITS = {"class_path": "vmoe.train.data.DigitsDataModule", "init_args": {"img_s
 
 
 def write_run(run: Path, model: dict, data: dict) -> Path:
-    """<run>/checkpoints/last.ckpt next to <run>/config.yaml, as `vmoe fit` leaves them."""
-    torch.manual_seed(0)
-    module = ImageClassifier(**model)
-    os.makedirs(run / "checkpoints")
-    path = run / "checkpoints" / "last.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": data}))
-    return path
+    """<run>/checkpoints/last.ckpt next to <run>/config.yaml, as `vmoe fit` leaves them (no trainer section)."""
+    return _write_run(run, model, data, trainer=None)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ MODEL = dict(backbone="vit_tiny_patch16_224", num_classes=10, img_size=16, in_ch
 DATA = {"class_path": "vmoe.train.data.DigitsDataModule", "init_args": {"img_size": 16, "batch_size": 32}}
 
 
-def write_run(run, model: dict):
+def write_run(run, model: dict, data: dict = DATA, trainer: dict | None = {"max_epochs": 1}):
     """A LightningCLI-style run dir: <run>/checkpoints/last.ckpt next to <run>/config.yaml."""
     torch.manual_seed(0)
     module = ImageClassifier(**model)
@@ -28,7 +28,7 @@ def write_run(run, model: dict):
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": lightning.__version__}, path)
     with open(run / "config.yaml", "w") as f:
-        yaml.safe_dump({"model": model, "data": DATA, "trainer": {"max_epochs": 1}}, f)
+        yaml.safe_dump({"model": model, "data": data, **({"trainer": trainer} if trainer else {})}, f)
     return path
 
 
